@@ -1,0 +1,33 @@
+# `make demo` runs the whole workflow on the embedded tiny family; `make test` runs the tests;
+# `make bench` runs the decoding benchmark. Each sets up .venv first (idempotent).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 is the CPU build where a local CPU wheel is offered (this project's CI machines)
+# and the CUDA build from PyPI elsewhere; override with e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo
+
+test: setup
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+bench: setup
+	WANDB_MODE=offline $(PY) -m scripts.bench_decoding
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,42 @@
+"""A finished job leaves `result.json` in its folder; running the same config there again returns it
+instead of redoing the work (how a re-run sweep skips its finished jobs)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from proxy.io import atomic_write_json
+
+RESULT_FILE = "result.json"
+
+
+def config_hash(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    data.pop("logger", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_result(out_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
+    path = Path(out_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return saved["metrics"] if saved.get("config_hash") == config_hash(cfg) else None
+
+
+def mark_finished(out_dir: str | Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    atomic_write_json(Path(out_dir) / RESULT_FILE, {"config_hash": config_hash(cfg), "metrics": metrics})
+
+
+def hydra_output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir

@@ -1,0 +1,101 @@
+"""One W&B run per stage (offline without a key), always closed; `logger=none` turns it off."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class Tracker:
+    """The few things a stage logs. With W&B off, every call is a no-op."""
+
+    def __init__(self, run=None):
+        self.run = run
+
+    @property
+    def info(self) -> dict[str, Any]:
+        if self.run is None:
+            return {}
+        return {"id": self.run.id, "project": self.run.project, "group": self.run.group,
+                "name": self.run.name, "dir": self.run.dir, "mode": os.environ.get("WANDB_MODE", "online")}
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(metrics)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
+    def table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        self.run.log({key: wandb.Table(columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])})
+
+    def image(self, key: str, path: str) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(path)})
+
+    def artifact(self, path: str, name: str, type: str, metadata: dict | None = None,
+                 link_to: str | None = None) -> str | None:
+        """Log a folder or file as an artifact; link it into the model registry only when online."""
+        if self.run is None:
+            return None
+        import wandb
+
+        art = wandb.Artifact(name=name, type=type, metadata=metadata or {})
+        (art.add_dir if os.path.isdir(path) else art.add_file)(path)
+        self.run.log_artifact(art)
+        if link_to and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled"):
+            with contextlib.suppress(Exception):
+                self.run.link_artifact(art, link_to)
+        return f"{name}:latest"
+
+
+def _group() -> str | None:
+    """The sweep's folder name in a Hydra multirun, so its jobs are grouped; None in a single run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return os.path.basename(os.path.normpath(hc.sweep.dir))
+    except (ValueError, ImportError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None) -> Iterator[Tracker]:
+    """Open one W&B run with the resolved config for a stage, and close it whatever happens."""
+    logger = cfg.get("logger") or {}
+    if not logger or logger.get("name", "none") == "none":
+        yield Tracker()
+        return
+    import wandb
+
+    if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
+        os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        project=logger.get("project", "proxy-tuning"),
+        entity=logger.get("entity"),
+        group=logger.get("group") or _group(),
+        job_type=job_type,
+        tags=list(logger.get("tags") or []),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        dir=run_dir,
+        reinit="finish_previous",
+    )
+    try:
+        yield Tracker(run)
+    finally:
+        wandb.finish()

@@ -1,0 +1,113 @@
+"""The embedded world and its model family: deterministic, leak-free, and loadable."""
+
+import json
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from training import world as world_lib
+from training.family import build_family
+
+
+@pytest.fixture(scope="module")
+def world():
+    return world_lib.make_world(seed=0, n_people=200)
+
+
+def test_same_seed_gives_same_world_corpus_and_records():
+    a, b = world_lib.make_world(seed=3, n_people=100), world_lib.make_world(seed=3, n_people=100)
+    assert a == b
+    assert world_lib.pretraining_corpus(a) == world_lib.pretraining_corpus(b)
+    for split in ("train", "test"):
+        assert world_lib.qa_records(a, split) == world_lib.qa_records(b, split)
+        assert world_lib.preference_records(a, split) == world_lib.preference_records(b, split)
+
+
+def test_different_seeds_give_different_worlds():
+    a, b = world_lib.make_world(seed=0, n_people=100), world_lib.make_world(seed=1, n_people=100)
+    assert world_lib.qa_records(a, "train") != world_lib.qa_records(b, "train")
+    assert world_lib.pretraining_corpus(a) != world_lib.pretraining_corpus(b)
+
+
+def test_held_out_people_never_appear_in_train_split(world):
+    train_people = {r["person"] for r in world_lib.qa_records(world, "train")}
+    test_people = {r["person"] for r in world_lib.qa_records(world, "test")}
+    assert test_people and train_people
+    assert not train_people & test_people
+    assert len(test_people) == round(len(world.people) * world_lib.HELD_OUT_FRACTION)
+    train_text = json.dumps(world_lib.qa_records(world, "train"))
+    assert not any(f" {name} " in train_text or f" {name}." in train_text for name in test_people)
+
+
+def test_corpus_has_no_questions_but_knows_every_fact(world):
+    corpus = world_lib.pretraining_corpus(world)
+    assert all(line.startswith(" ") for line in corpus)
+    assert not any(part.lstrip().startswith("Question:") for line in corpus for part in line.split("\n"))
+    prompts = {r["prompt"] for split in ("train", "test") for r in world_lib.qa_records(world, split)}
+    text = "\n".join(corpus)
+    assert not any(prompt in text for prompt in prompts)
+    # Held-out people's facts are in pretraining, which is what the large base can learn.
+    for person in world.people_in("test")[:20]:
+        for relation in world_lib.RELATIONS:
+            assert person.fact(relation) in " ".join(l for l in corpus if person.name in l)
+
+
+def test_qa_records_restate_the_fact_as_a_sentence(world):
+    record = world_lib.qa_records(world, "test")[0]
+    assert record["prompt"].startswith("Question: ") and record["prompt"].endswith("\nAnswer:")
+    assert record["completion"] == " " + record["answers"][0]
+    assert record["answers"][0].startswith(record["person"])
+    assert record["relation"] in world_lib.RELATIONS
+
+
+def test_preference_records_prefer_the_answer_sentence(world):
+    records = world_lib.preference_records(world, "train")
+    assert {r["rejected_kind"] for r in records} == {"run_on", "bare_value", "wrong_fact"}
+    for r in records:
+        assert r["chosen"] == " " + r["answers"][0]
+        assert r["rejected"] != r["chosen"]
+
+
+def test_write_task_files_round_trips(world, tmp_path):
+    paths = world_lib.write_task_files(world, tmp_path)
+    lines = paths["test"].read_text().splitlines()
+    assert [json.loads(l) for l in lines] == world_lib.qa_records(world, "test")
+    assert paths["train_preference"].exists()
+
+
+@pytest.fixture(scope="module")
+def test_family(tmp_path_factory):
+    out = tmp_path_factory.mktemp("family") / "tiny"
+    started = time.time()
+    paths = build_family(out, seed=0, scale="test")
+    return paths, time.time() - started
+
+
+@pytest.mark.slow
+def test_build_family_test_scale_is_quick_and_loads(test_family):
+    paths, seconds = test_family
+    assert seconds < 60  # a few seconds alone; generous because tests share the cores
+    vocab = AutoTokenizer.from_pretrained(paths["tokenizer"]).get_vocab()
+    for name in ("small", "large"):
+        tokenizer = AutoTokenizer.from_pretrained(paths[name])
+        model = AutoModelForCausalLM.from_pretrained(paths[name])
+        assert tokenizer.get_vocab() == vocab
+        assert model.config.vocab_size == len(tokenizer)
+        assert tokenizer.eos_token_id == model.config.eos_token_id
+        assert tokenizer.pad_token_id is not None and tokenizer.pad_token != tokenizer.eos_token
+    report = json.loads(paths["family_json"].read_text())
+    assert report["models"]["small"]["parameters"] < report["models"]["large"]["parameters"]
+    assert paths["train"].exists() and paths["test"].exists()
+    assert not [p for p in paths["root"].parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_second_build_is_a_cache_hit(test_family):
+    paths, _ = test_family
+    stamp = paths["family_json"].stat().st_mtime_ns
+    started = time.time()
+    again = build_family(paths["root"], seed=0, scale="test")
+    assert time.time() - started < 1.0
+    assert again == paths
+    assert paths["family_json"].stat().st_mtime_ns == stamp
