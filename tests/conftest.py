@@ -113,3 +113,16 @@ def prompts() -> list[str]:
         " a b c",
         " proxy tuning steers a large model with a small",
     ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_registry(tmp_path_factory):
+    """Keep tests from reading or writing the user's registry."""
+    path = tmp_path_factory.mktemp("registry") / "registry.json"
+    old = os.environ.get("PROXY_REGISTRY")
+    os.environ["PROXY_REGISTRY"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("PROXY_REGISTRY", None)
+    else:
+        os.environ["PROXY_REGISTRY"] = old
