@@ -16,6 +16,7 @@ from transformers import (
     EosTokenCriteria,
     LogitsProcessorList,
     MaxLengthCriteria,
+    MinNewTokensLengthLogitsProcessor,
     StopStringCriteria,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -43,6 +44,7 @@ class SteeringPair:
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS is masked until this many tokens are out
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
@@ -70,11 +72,22 @@ class DecodeStats:
     seconds: float = 0.0
     changed_tokens: int = 0
     diagnosed_tokens: int = 0
+    row_forwards: int = 0  # base forwards summed over the rows they served (prefill included)
+    drafted: int = 0  # speculative decoding: drafts proposed and accepted
+    accepted: int = 0
     per_model_forwards: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def base_forwards_per_token(self) -> float | None:
+        return self.row_forwards / self.new_tokens if self.new_tokens else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def changed_share(self) -> float | None:
@@ -134,25 +147,48 @@ class ModelStream:
         return out.logits[:, -1]
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one new token per row (B,); return the next logits (B, V)."""
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed n new tokens per row (B, n) at the next logical positions; return their logits (B, n, V)."""
         tokens = tokens.to(self.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        n = tokens.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1]).expand(-1, n)], dim=-1)
+        positions = self.next_pos + torch.arange(n, device=self.device)
         out = self.model(
-            input_ids=tokens[:, None],
+            input_ids=tokens,
             attention_mask=self.mask,
-            position_ids=self.next_pos,
+            position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.next_pos = self.next_pos + 1
+        self.next_pos = self.next_pos + n
         self.forwards += 1
-        return out.logits[:, -1]
+        return out.logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B,); return the next logits (B, V)."""
+        return self.feed(tokens[:, None])[:, -1]
+
+    @torch.inference_mode()
+    def keep(self, fed: int, valid: torch.Tensor) -> None:
+        """Of the last `fed` slots, keep the first `valid[r]` of each row (B,) and roll back the rest.
+
+        Rows keep different numbers, so a rejected slot stays in the cache masked out (a hole the
+        attention mask hides); the tail that no row keeps is cropped from the cache."""
+        valid = valid.to(self.device)
+        keep = torch.arange(fed, device=self.device)[None, :] < valid[:, None]
+        self.mask[:, -fed:] = keep.to(self.mask.dtype)
+        self.next_pos = self.next_pos - fed + valid[:, None]
+        drop = fed - int(valid.max())
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.mask = self.mask[:, :-drop]
 
 
-def logits_processors(settings: GenerationSettings) -> LogitsProcessorList:
-    """transformers' own warpers, applied to the proxy scores when sampling."""
+def logits_processors(settings: GenerationSettings, prompt_width: int, eos_id: int | None) -> LogitsProcessorList:
+    """transformers' own processors over the proxy scores: constraints always, warpers when sampling."""
     procs = LogitsProcessorList()
+    if settings.min_new_tokens and eos_id is not None:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_width, settings.min_new_tokens, eos_id))
     if not settings.do_sample:
         return procs
     if settings.temperature is not None and settings.temperature != 1.0:
@@ -262,23 +298,25 @@ class ProxyEngine:
         prompt_width = base_ids.shape[1]
         seq = base_ids.to(self.device)
 
-        processors = logits_processors(settings)
+        processors = logits_processors(settings, prompt_width, self.eos_id)
         length_done = MaxLengthCriteria(max_length=prompt_width + settings.max_new_tokens)
         eos_done = EosTokenCriteria(eos_token_id=self.eos_id) if self.eos_id is not None else None
         stop_done = StopStringCriteria(self.tokenizer, list(settings.stop)) if settings.stop else None
 
         batch = len(prompts)
+        stats.row_forwards += batch
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
         reasons = ["length"] * batch
         lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         trace: list[list[dict]] = [[] for _ in range(batch)]
         while True:
             scores = self.combine(logits, base_key, pair_keys)
+            picked = processors(seq, scores) if processors else scores
             if settings.do_sample:
-                probs = torch.softmax(processors(seq, scores), dim=-1)
+                probs = torch.softmax(picked, dim=-1)
                 next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
-                next_tokens = scores.argmax(-1)
+                next_tokens = picked.argmax(-1)
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, self.pad_id))
             if diagnostics:
                 self._record(trace, unfinished, next_tokens, logits[base_key], scores, stats)
@@ -295,6 +333,7 @@ class ProxyEngine:
                 unfinished &= ~hit
             if not unfinished.any():
                 break
+            stats.row_forwards += int(unfinished.sum())
             logits = {key: runner.step(next_tokens) for key, runner in runners.items()}
 
         for key, runner in runners.items():
