@@ -39,6 +39,7 @@ class SteeringPair:
     alpha: float = 1.0
     expert_format: str | None = None  # how the expert sees the prompt (see proxy.prompts.render)
     name: str = "expert"
+    shared: bool = False  # expert and anti-expert are one SharedLoraPair: its logits are [expert | anti]
 
 
 @dataclass
@@ -216,6 +217,8 @@ class ProxyEngine:
         self.pairs = list(pairs)
         for pair in self.pairs:
             pair.alpha = check_alpha(pair.alpha)
+            if pair.shared and pair.expert_format not in (None, "{prompt}"):
+                raise UserError("a shared LoRA pair reads one rendering of the prompt: drop proxy.expert_format")
         roles = {"base": tokenizer, **(tokenizers or {})}
         widths = {"base": base.get_output_embeddings().weight.shape[0]}
         for pair in self.pairs:
@@ -238,7 +241,10 @@ class ProxyEngine:
             return key
 
         base_key = key_for(self.base, None)
-        pair_keys = [(key_for(p.expert, p.expert_format), key_for(p.anti_expert, None)) for p in self.pairs]
+        pair_keys = []
+        for p in self.pairs:
+            expert_key = key_for(p.expert, p.expert_format)
+            pair_keys.append((expert_key, expert_key if p.shared else key_for(p.anti_expert, None)))
         return streams, base_key, pair_keys
 
     def encode(self, prompt: str, fmt: str | None) -> list[int]:
@@ -261,7 +267,13 @@ class ProxyEngine:
                     )
 
     def combine(self, logits: dict, base_key, pair_keys) -> torch.Tensor:
-        offsets = [(p.alpha, logits[e], logits[a]) for p, (e, a) in zip(self.pairs, pair_keys)]
+        offsets = []
+        for p, (e, a) in zip(self.pairs, pair_keys):
+            if p.shared:  # one stream whose logits are [expert | anti-expert]
+                width = logits[e].shape[-1] // 2
+                offsets.append((p.alpha, logits[e][..., :width], logits[e][..., width:]))
+            else:
+                offsets.append((p.alpha, logits[e], logits[a]))
         return proxy_logits(logits[base_key], offsets, self.vocab_size)
 
     # -- generation -------------------------------------------------------------------------------

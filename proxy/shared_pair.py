@@ -1,0 +1,56 @@
+"""One small model for an expert that is a LoRA adapter over its own anti-expert.
+
+Every forward runs the batch twice in one call, the adapter on for the first half and off for the
+second (PEFT's mixed-adapter batches), and returns both halves' logits side by side, (B, L, 2V).
+The engine splits them (`SteeringPair.shared`). One small model's memory instead of two, one forward
+call instead of two; in speculative decoding the drafting forward also yields the anti-expert's
+logits at every drafted position, so the anti-expert needs no verify forward at all.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from proxy.errors import UserError
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class SharedLoraPair(torch.nn.Module):
+    def __init__(self, peft_model, adapter_name: str | None = None):
+        super().__init__()
+        if not hasattr(peft_model, "peft_config"):
+            raise UserError("a shared expert/anti-expert pair needs an unmerged LoRA adapter (a PEFT model)")
+        self.model = peft_model
+        self.adapter = adapter_name or peft_model.active_adapter
+        self.config = peft_model.get_base_model().config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_base_model().get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                logits_to_keep=0):
+        rows = input_ids.shape[0]
+
+        def twice(t):
+            return None if t is None else torch.cat([t, t], 0)
+
+        out = self.model(
+            input_ids=twice(input_ids), attention_mask=twice(attention_mask), position_ids=twice(position_ids),
+            past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            adapter_names=[self.adapter] * rows + [BASE_ADAPTER] * rows,
+        )
+        return SimpleNamespace(logits=torch.cat([out.logits[:rows], out.logits[rows:]], dim=-1))
+
+
+def load_shared_pair(adapter_path: str, **load_kwargs) -> SharedLoraPair:
+    """Load an unmerged LoRA checkpoint folder (adapter_config.json beside the adapter) as a shared pair."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_path, **load_kwargs).eval()
+    model.requires_grad_(False)
+    return SharedLoraPair(model)
