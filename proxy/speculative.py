@@ -14,12 +14,20 @@ import math
 import time
 
 import torch
-from transformers import EosTokenCriteria, LogitsProcessorList, StopStringCriteria
+from transformers import (
+    EosTokenCriteria,
+    LogitsProcessorList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from proxy.engine import GenerationSettings, ModelStream, ProxyEngine, left_pad, logits_processors
 from proxy.errors import UserError
 
 K_MAX = 8
+LENGTH_FREE = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)  # read neither ids nor their length
 
 
 def apply_processors(processors: LogitsProcessorList, scores: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -29,6 +37,8 @@ def apply_processors(processors: LogitsProcessorList, scores: torch.Tensor, widt
     `input_ids`, so each group of rows at one length gets one call with placeholder ids."""
     if not processors:
         return scores
+    if all(isinstance(p, LENGTH_FREE) for p in processors):
+        return processors(scores.new_zeros((scores.shape[0], 1), dtype=torch.long), scores)
     out = torch.empty_like(scores)
     for width in widths.unique().tolist():
         rows = (widths == width).nonzero().flatten()

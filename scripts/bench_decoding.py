@@ -46,11 +46,35 @@ def naive_proxy(models, tok, prompts, alpha, new_tokens):
 
 
 @torch.inference_mode()
-def base_generate(model, tok, prompts, new_tokens, batch):
-    for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, padding_side="left")
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
+def base_generate(model, tok, prompts, settings: GenerationSettings) -> int:
+    """The base alone through transformers' generate; returns the number of new tokens."""
+    count = 0
+    for i in range(0, len(prompts), settings.batch_size):
+        enc = tok(prompts[i : i + settings.batch_size], return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        for row in new.tolist():
+            count += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+    return count
+
+
+def engine_run(engine, prompts, settings) -> int:
+    engine.generate(prompts, settings)
+    return engine.last_stats.new_tokens
+
+
+def time_configs(configs: dict, repeats: int) -> dict[str, tuple[float, int]]:
+    """Median seconds and new tokens of each configuration, repeats interleaved so that drifts in the
+    machine's load hit every configuration alike."""
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    tokens: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, fn in configs.items():
+            start = time.perf_counter()
+            tokens[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(ts), tokens[name]) for name, ts in times.items()}
 
 
 @torch.inference_mode()
@@ -58,14 +82,16 @@ def forward_times(model, batch: int, context: int, lengths=(1,), repeats=30) -> 
     """Median seconds of one cached forward of n new tokens after `context` tokens, for each n."""
     stream = ModelStream(model)
     ids = torch.randint(10, 200, (batch, context))
+    stream.prefill(ids, torch.ones_like(ids))
+    nothing = torch.zeros(batch, dtype=torch.long)
     out = {}
     for n in lengths:
         times = []
         for _ in range(repeats):
-            stream.prefill(ids, torch.ones_like(ids))
             start = time.perf_counter()
             stream.feed(ids[:, :n])
             times.append(time.perf_counter() - start)
+            stream.keep(n, nothing)  # roll back, so every repeat sees the same context
         out[n] = statistics.median(times)
     return out
 
@@ -94,6 +120,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per configuration")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--qa-tokens", type=int, default=32, help="cap for the task-prompt workload")
+    parser.add_argument("--lora", default=None, help="an unmerged LoRA expert folder: adds the shared-weight pair")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--out", default=str(PROJECT / "outputs" / "bench" / "decoding.json"))
     args = parser.parse_args()
@@ -115,70 +143,82 @@ def main() -> None:
           f"{args.new_tokens} new tokens (forced); small/large FLOPs per token = {flops_ratio:.3f}")
 
     results = []
+
+    def record(workload, batch, timed, engines, base_name="base_generate"):
+        base_rate = timed[base_name][1] / timed[base_name][0]
+        rows = []
+        for name, (seconds, tokens) in timed.items():
+            rate = tokens / seconds
+            entry = {"workload": workload, "name": name, "batch": batch, "new_tokens": tokens,
+                     "seconds": round(seconds, 4), "tokens_per_s": round(rate, 1),
+                     "ratio_to_base": round(base_rate / rate, 3)}  # time per token over the base's
+            if name in engines:
+                st = engines[name].last_stats
+                entry["base_forwards_per_token"] = round(st.base_forwards_per_token, 3)
+                if st.acceptance_rate is not None:
+                    entry["acceptance_rate"] = round(st.acceptance_rate, 3)
+            rows.append(entry)
+        results.extend(rows)
+        return rows
+
+    def show(rows, r=None, verify=None):
+        print(f"{'configuration':<20} {'tokens':>7} {'tokens/s':>9} {'x base time':>11} {'base fwd/token':>14}"
+              f" {'acceptance':>10} {'model predicts':>14}")
+        for e in rows:
+            pred = ""
+            if r and e["name"].startswith("speculative_k") and e["name"] != "speculative_kauto":
+                k = int(e["name"].rsplit("k", 1)[1])
+                ratio = 1 / expected_speedup(e.get("acceptance_rate", 0.0), k, r, verify[min(k + 1, 7)])
+                e["predicted_ratio_to_base"] = round(ratio, 3)
+                pred = f"{ratio:.2f}x"
+            print(f"{e['name']:<20} {e['new_tokens']:>7} {e['tokens_per_s']:>9.1f} {e['ratio_to_base']:>10.2f}x "
+                  f"{e.get('base_forwards_per_token', ''):>14} {e.get('acceptance_rate', ''):>10} {pred:>14}")
+
+    # workload 1 (issue 2): fixed-length continuations, the plain engine against the base and the naive loop
+    plain = ProxyEngine(base, tok, pair)
     for batch in args.batch:
         settings = GenerationSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, batch_size=batch)
-        plain = ProxyEngine(base, tok, pair)
-        configs = {
-            "base_generate": lambda: base_generate(base, tok, prompts, args.new_tokens, batch),
-            "proxy": lambda: plain.generate(prompts, settings),
-        }
-        spec_engines = {f"speculative_k{k}": SpeculativeProxyEngine(base, tok, pair, k=k) for k in (2, 4, 6, "auto")}
-        for name, eng in spec_engines.items():
-            configs[name] = (lambda e: lambda: e.generate(prompts, settings))(eng)
+        configs = {"base_generate": lambda: base_generate(base, tok, prompts, settings),
+                   "proxy": lambda: engine_run(plain, prompts, settings)}
         if not args.skip_naive and batch == max(args.batch):
-            configs["naive_loop"] = lambda: [naive_proxy((base, expert, anti), tok, prompts[i : i + batch],
-                                                         args.alpha, args.new_tokens)
-                                             for i in range(0, len(prompts), batch)]
-        times: dict[str, list[float]] = {name: [] for name in configs}
-        stats = {}
-        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every configuration alike
-            for name, fn in configs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-                if name in spec_engines:
-                    stats[name] = spec_engines[name].last_stats
-                elif name == "proxy":
-                    stats[name] = plain.last_stats
-        new_tokens = len(prompts) * args.new_tokens
-        base_t = statistics.median(times["base_generate"])
-        for name, ts in times.items():
-            t = statistics.median(ts)
-            entry = {"name": name, "batch": batch, "new_tokens": new_tokens, "seconds": round(t, 4),
-                     "tokens_per_s": round(new_tokens / t, 1), "ratio_to_base": round(t / base_t, 3)}
-            if name in stats:
-                entry["base_forwards_per_token"] = round(stats[name].base_forwards_per_token, 3)
-                if stats[name].acceptance_rate is not None:
-                    entry["acceptance_rate"] = round(stats[name].acceptance_rate, 3)
-            results.append(entry)
+            configs["naive_loop"] = lambda: sum(
+                naive_proxy((base, expert, anti), tok, prompts[i : i + batch], args.alpha, args.new_tokens).shape[0]
+                * args.new_tokens for i in range(0, len(prompts), batch))
+        print(f"\n[fixed length] {args.new_tokens} new tokens per prompt, batch {batch}")
+        rows = record("fixed_length", batch, time_configs(configs, args.repeats), {"proxy": plain})
+        show(rows)
+        proxy_t = next(e["seconds"] for e in rows if e["name"] == "proxy")
+        print(f"proxy engine / base alone = {rows[1]['ratio_to_base']:.2f}x; bound 1 + 2 x FLOPs ratio + 0.3 = {bound:.2f}x")
+        for e in rows:
+            if e["name"] == "naive_loop":
+                print(f"proxy engine is {e['seconds'] / proxy_t:.1f}x faster than the naive loop")
 
-        # the cost model's inputs, measured here: r and the cost of verifying k+1 tokens
-        context = 40
-        tb = forward_times(base, batch, context, lengths=(1, 3, 5, 7))
-        te = forward_times(anti, batch, context, lengths=(1,))
+    # workload 2 (issue 5): the task's prompts with natural stopping, speculative and shared-pair variants
+    for batch in args.batch:
+        settings = GenerationSettings(max_new_tokens=args.qa_tokens, batch_size=batch, stop=["\n"])
+        engines = {"proxy": plain}
+        engines.update({f"speculative_k{k}": SpeculativeProxyEngine(base, tok, pair, k=k) for k in (2, 4, 6, "auto")})
+        if args.lora:
+            from proxy.shared_pair import load_shared_pair
+
+            shared = load_shared_pair(args.lora)
+            shared_pair = [SteeringPair(shared, shared, args.alpha, shared=True)]
+            engines["shared_pair"] = ProxyEngine(base, tok, shared_pair)
+            engines["shared_pair_spec_k4"] = SpeculativeProxyEngine(base, tok, shared_pair, k=4)
+        configs = {"base_generate": lambda: base_generate(base, tok, prompts, settings)}
+        configs.update({name: (lambda e: lambda: engine_run(e, prompts, settings))(e) for name, e in engines.items()})
+        timed = time_configs(configs, args.repeats)
+        tb = forward_times(base, batch, 40, lengths=(1, 3, 5, 7))
+        te = forward_times(anti, batch, 40, lengths=(1,))
         r = tb[1] / te[1]
-        print(f"\nbatch {batch}: one base forward {tb[1] * 1e3:.2f} ms, one small forward {te[1] * 1e3:.2f} ms, "
-              f"r = {r:.2f}; verify k+1 tokens / 1 token: "
-              + ", ".join(f"{n}: {tb[n] / tb[1]:.2f}" for n in (3, 5, 7)))
-        print(f"{'configuration':<20} {'tokens/s':>9} {'x base time':>11} {'base fwd/token':>14} {'acceptance':>10}"
-              f" {'model predicts':>14}")
-        for entry in [e for e in results if e["batch"] == batch]:
-            pred = ""
-            if entry["name"].startswith("speculative_k") and entry["name"] != "speculative_kauto":
-                k = int(entry["name"].rsplit("k", 1)[1])
-                a = entry.get("acceptance_rate", 0.0)
-                pred = f"{1 / expected_speedup(a, k, r, tb[min(k + 1, 7)] / tb[1]):.2f}x"
-                entry["predicted_ratio_to_base"] = float(pred[:-1])
-            print(f"{entry['name']:<20} {entry['tokens_per_s']:>9.1f} {entry['ratio_to_base']:>10.2f}x "
-                  f"{entry.get('base_forwards_per_token', ''):>14} {entry.get('acceptance_rate', ''):>10} {pred:>14}")
-        proxy_ratio = next(e["ratio_to_base"] for e in results if e["batch"] == batch and e["name"] == "proxy")
-        print(f"proxy engine / base alone = {proxy_ratio:.2f}x; the bound 1 + 2 x FLOPs ratio + 0.3 = {bound:.2f}x")
-        naive = [e for e in results if e["batch"] == batch and e["name"] == "naive_loop"]
-        if naive:
-            print(f"proxy engine is {naive[0]['seconds'] / next(e['seconds'] for e in results if e['batch'] == batch and e['name'] == 'proxy'):.1f}x faster than the naive loop")
+        verify = {n: tb[n] / tb[1] for n in tb}
+        print(f"\n[task prompts] up to {args.qa_tokens} new tokens, stop at newline, batch {batch}: one base forward "
+              f"{tb[1] * 1e3:.2f} ms, one small forward {te[1] * 1e3:.2f} ms, r = {r:.2f}; verifying n tokens / 1: "
+              + ", ".join(f"{n}: {verify[n]:.2f}" for n in (3, 5, 7)))
+        show(record("task_prompts", batch, timed, engines), r, verify)
 
     # the same cost model for real sizes, where a forward's time follows the parameters (memory-bound decoding)
-    a = next((e["acceptance_rate"] for e in results if e["name"] == "speculative_k4" and e["batch"] == 1), 0.6)
+    a = next((e["acceptance_rate"] for e in results if e["name"] == "speculative_k4" and e["batch"] == min(args.batch)), 0.6)
     print(f"\ncost model at acceptance {a:.2f}, k=4, verify of 5 tokens ~ 1.1 forwards (GPU, memory-bound):")
     for label, r_real in (("7B steering 13B (r ~ 1.9)", 13 / 7), ("7B steering 70B (r ~ 10)", 70 / 7)):
         plain_ratio = 1 + 2 / r_real
