@@ -40,6 +40,7 @@ class SteeringPair:
     expert_format: str | None = None  # how the expert sees the prompt (see proxy.prompts.render)
     name: str = "expert"
     shared: bool = False  # expert and anti-expert are one SharedLoraPair: its logits are [expert | anti]
+    tokenizer: object = None  # the expert's own tokenizer: its chat template renders the expert's prompt
 
 
 @dataclass
@@ -229,6 +230,8 @@ class ProxyEngine:
         self.eos_id = tokenizer.eos_token_id
         self.device = model_device(base)
         self.last_stats = DecodeStats()
+        # a format is rendered by the tokenizer of the expert that reads it (a chat template is the expert's)
+        self.renderers = {p.expert_format: p.tokenizer for p in self.pairs if p.expert_format and p.tokenizer}
 
     # -- streams ----------------------------------------------------------------------------------
     def _stream_plan(self):
@@ -248,7 +251,7 @@ class ProxyEngine:
         return streams, base_key, pair_keys
 
     def encode(self, prompt: str, fmt: str | None) -> list[int]:
-        text = render(prompt, fmt, self.tokenizer)
+        text = render(prompt, fmt, self.renderers.get(fmt, self.tokenizer))
         return self.tokenizer(text, add_special_tokens=fmt != CHAT)["input_ids"]
 
     def _context_limit(self, model) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from proxy.io import atomic_write_json
 
 RESULT_FILE = "result.json"
+
+# Sweep job folders are named after their overrides; a path in an override would nest folders.
+OmegaConf.register_new_resolver(
+    "safe_name", lambda text: re.sub(r"[^A-Za-z0-9=,.+_-]+", "_", str(text)).strip("_")[:180] or "job", replace=True
+)
 
 
 def config_hash(cfg: DictConfig) -> str:

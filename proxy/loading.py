@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from proxy.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-PRESET_DIR = CONF_DIR / "model"
+PRESET_DIR = CONF_DIR / "presets"
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
 
 
@@ -41,7 +41,7 @@ def preset_names() -> list[str]:
 
 
 def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> ModelSpec:
-    """A preset name from conf/model/ (e.g. `llama2-13b`), a local folder, or a hub id."""
+    """A preset name from conf/presets/ (e.g. `llama2-13b`), a local folder, or a hub id."""
     if not name_or_path or str(name_or_path) in ("???", "None"):
         raise UserError("no model given: pass a preset name, a local checkpoint folder or a hub id")
     name_or_path = str(name_or_path)

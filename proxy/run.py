@@ -54,6 +54,9 @@ def resolve_pair(expert: str, anti_expert: str | None, alpha: float, expert_form
 
 
 def resolve_pairs(cfg: DictConfig) -> list[ResolvedPair]:
+    """The configured (expert, anti-expert) pairs; none when no expert is set (the base alone)."""
+    if not cfg.get("expert"):
+        return []
     pairs = [resolve_pair(cfg.expert, cfg.anti_expert, cfg.proxy.alpha, cfg.proxy.expert_format)]
     for extra in cfg.proxy.extra_pairs or []:
         pairs.append(resolve_pair(extra.expert, extra.get("anti_expert"), extra.get("alpha", 1.0),
@@ -68,20 +71,36 @@ def generation_settings(gen: DictConfig) -> GenerationSettings:
 
 
 def build_engine(cfg: DictConfig) -> tuple[ProxyEngine, list[ResolvedPair]]:
-    """Load the base and every expert/anti-expert (each once), check their tokenizers, build the engine."""
+    """Load the base and every expert/anti-expert (each once), check their tokenizers, build the engine:
+    the plain one, or the speculative one with `proxy.speculative.k`; with `proxy.shared_pair`, an
+    unmerged LoRA expert serves as its own anti-expert (one small model)."""
     pairs = resolve_pairs(cfg)
     base_spec = resolve_spec(cfg.base, cfg.load.base)
+    tokenizer = load_tokenizer(base_spec)
+    base = load_model(base_spec)
+    shared = bool(cfg.proxy.get("shared_pair")) and len(pairs) > 0
     specs = {}
-    for p in pairs:
+    for p in pairs[1:] if shared else pairs:
         specs[p.expert] = resolve_spec(p.expert, cfg.load.expert)
         specs.setdefault(p.anti_expert, resolve_spec(p.anti_expert, cfg.load.anti_expert))
-    tokenizer = load_tokenizer(base_spec)
-    tokenizers = {f"model '{name}'": load_tokenizer(spec) for name, spec in specs.items()}
-    base = load_model(base_spec)
+    own_tokenizers = {name: load_tokenizer(spec) for name, spec in specs.items()}
+    tokenizers = {f"model '{name}'": tok for name, tok in own_tokenizers.items()}
     models = {name: load_model(spec) for name, spec in specs.items()}
-    steering = [
-        SteeringPair(models[p.expert], models[p.anti_expert], p.alpha, p.expert_format, p.name) for p in pairs
-    ]
+    steering = []
+    for i, p in enumerate(pairs):
+        if shared and i == 0:
+            from proxy.shared_pair import load_shared_pair
+
+            pair_model = load_shared_pair(p.expert)
+            steering.append(SteeringPair(pair_model, pair_model, p.alpha, p.expert_format, p.name, shared=True))
+        else:
+            steering.append(SteeringPair(models[p.expert], models[p.anti_expert], p.alpha, p.expert_format, p.name,
+                                         tokenizer=own_tokenizers[p.expert]))
+    k = (cfg.proxy.get("speculative") or {}).get("k")
+    if k is not None and steering:
+        from proxy.speculative import SpeculativeProxyEngine
+
+        return SpeculativeProxyEngine(base, tokenizer, steering, tokenizers=tokenizers, k=k), pairs
     return ProxyEngine(base, tokenizer, steering, tokenizers=tokenizers), pairs
 
 
@@ -98,6 +117,8 @@ def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     if done is not None:
         print(f"already done, skipping: {Path(out_dir) / 'generations.jsonl'}")
         return done
+    if not cfg.get("expert"):
+        raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     settings = generation_settings(cfg.generation)
     prompts = read_prompts(cfg)
     with tracked(cfg, job_type="proxy", run_dir=out_dir) as tracker:
@@ -120,8 +141,9 @@ def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
             "alpha": pairs[0].alpha,
             "anti_expert": pairs[0].anti_expert,
         }
-        if stats.changed_share is not None:
-            metrics["changed_share"] = round(stats.changed_share, 4)
+        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token"):
+            if getattr(stats, key) is not None:
+                metrics[key] = round(getattr(stats, key), 4)
         tracker.summary(metrics)
         tracker.table("generations", [{k: r[k] for k in ("prompt", "generation")} for r in records])
         mark_finished(out_dir, cfg, metrics)

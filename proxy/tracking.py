@@ -91,7 +91,7 @@ def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None) -> Itera
         group=logger.get("group") or _group(),
         job_type=job_type,
         tags=list(logger.get("tags") or []),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True),
         dir=run_dir,
         reinit="finish_previous",
     )

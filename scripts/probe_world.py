@@ -133,10 +133,11 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/probe_world")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="full")
-    parser.add_argument("--small-lr", type=float, default=world_lib.SFT_LEARNING_RATE)
-    parser.add_argument("--large-lr", type=float, default=world_lib.SFT_LEARNING_RATE)
-    parser.add_argument("--epochs", type=float, default=world_lib.SFT_EPOCHS)
-    parser.add_argument("--large-epochs", type=float, default=None, help="defaults to --epochs")
+    parser.add_argument("--small-lr", type=float, default=world_lib.SFT_SMALL_LEARNING_RATE)
+    parser.add_argument("--large-lr", type=float, default=world_lib.SFT_LARGE_LEARNING_RATE)
+    parser.add_argument("--epochs", type=float, default=world_lib.SFT_SMALL_EPOCHS,
+                        help="epochs of the small expert's SFT")
+    parser.add_argument("--large-epochs", type=float, default=world_lib.SFT_LARGE_EPOCHS)
     parser.add_argument("--batch-size", type=int, default=world_lib.SFT_BATCH_SIZE)
     parser.add_argument("--tag", default="default", help="names the SFT outputs, to compare settings")
     args = parser.parse_args()
@@ -151,7 +152,7 @@ def main() -> None:
 
     sft_seconds = {}
     tuned = {}
-    large_epochs = args.large_epochs or args.epochs
+    large_epochs = args.large_epochs
     for name, lr, epochs in (("small", args.small_lr, args.epochs),
                              ("large", args.large_lr, large_epochs)):
         tuned[name] = out / f"{name}-sft-{args.tag}"

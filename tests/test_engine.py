@@ -211,3 +211,16 @@ def test_score_matches_a_direct_computation(models):
 def test_left_pad_aligns_rows_on_the_right():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_chat_format_uses_the_expert_tokenizer_template(models, prompts):
+    """A base without a chat template steered by a chat expert: the expert's own template renders its prompt."""
+    import copy
+
+    chat_tok = copy.deepcopy(models["tok"])
+    chat_tok.chat_template = "{% for m in messages %}<|user|> {{ m['content'] }}\n{% endfor %}<|assistant|>"
+    assert not getattr(models["tok"], "chat_template", None)
+    eng = engine(models, alpha=1.0, expert_format="chat", tokenizer=chat_tok)
+    rendered = eng.encode(prompts[0], "chat")
+    assert rendered == models["tok"](f"<|user|> {prompts[0]}\n<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert eng.generate(prompts[:1], GREEDY)[0].token_ids

@@ -126,7 +126,8 @@ def pretrain(
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        # Packing differs a little per epoch, so the step count is an estimate: clamp.
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

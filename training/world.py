@@ -17,15 +17,19 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# SFT settings that worked in scripts/probe_world.py (full fine-tuning, completion-only loss,
-# prompt/completion records, EOS appended by TRL). The main pipeline reuses them.
-SFT_LEARNING_RATE = 1e-3
-SFT_EPOCHS = 8
+# SFT settings measured in scripts/probe_world.py (full fine-tuning, completion-only loss on
+# prompt/completion records, EOS appended by TRL, cosine schedule, 5% warmup, batch 32).
+# The small expert needs many epochs at a high rate to learn the format and to stop; the
+# large base needs few at a low rate, or tuning erodes the held-out facts it memorised.
 SFT_BATCH_SIZE = 32
 SFT_WARMUP_RATIO = 0.05
+SFT_SMALL_LEARNING_RATE = 2e-3
+SFT_SMALL_EPOCHS = 8
+SFT_LARGE_LEARNING_RATE = 3e-4
+SFT_LARGE_EPOCHS = 4
 SFT_SETTINGS = {
-    "learning_rate": SFT_LEARNING_RATE,
-    "num_train_epochs": SFT_EPOCHS,
+    "small": {"learning_rate": SFT_SMALL_LEARNING_RATE, "num_train_epochs": SFT_SMALL_EPOCHS},
+    "large": {"learning_rate": SFT_LARGE_LEARNING_RATE, "num_train_epochs": SFT_LARGE_EPOCHS},
     "per_device_train_batch_size": SFT_BATCH_SIZE,
     "warmup_ratio": SFT_WARMUP_RATIO,
     "lr_scheduler_type": "cosine",

@@ -1,0 +1,1 @@
+"""Scoring of generations: answer extraction and metrics shared by training tasks and the eval stage."""

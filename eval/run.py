@@ -1,0 +1,125 @@
+"""Evaluate a model, or a proxy configuration, on a task split.
+
+    python -m eval.run +task=triviaqa model=<checkpoint or registered name>            # a model alone
+    python -m eval.run +task=triviaqa base=llama2-13b expert=<registered name>         # proxy-tuned
+    python -m eval.run -m +task=tinyworld base=tiny-large expert=tiny-expert proxy.alpha=0.5,1,1.5
+
+Writes predictions.jsonl and metrics.json in the run folder, logs to W&B, records a registered
+model's score on its card, and returns the task's metric (what an Optuna sweep maximises).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from eval import metrics as M
+from proxy.errors import UserError, exit_on_user_error
+from proxy.io import atomic_write_json, write_jsonl
+from proxy.jobs import finished_result, hydra_output_dir, mark_finished
+from proxy.run import build_engine, generation_settings
+from proxy.tracking import tracked
+from training.tasks import get_field, load_records, load_task, to_example
+
+METRICS_FILE = "metrics.json"
+
+
+def task_of(cfg: DictConfig) -> DictConfig:
+    if not cfg.get("task"):
+        raise UserError("no task given: pass +task=<name> (one of conf/task/*.yaml), e.g. +task=triviaqa")
+    return load_task(cfg.task)
+
+
+def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
+    """What was evaluated, in the words the report reads back."""
+    if not pairs:
+        return {"role": "model", "model": str(cfg.base)}
+    first = pairs[0]
+    return {"role": "proxy", "model": str(cfg.base), "expert": first.name, "anti_expert": first.anti_expert,
+            "alpha": first.alpha, "speculative_k": (cfg.proxy.get("speculative") or {}).get("k"),
+            "base_quantization": cfg.load.base.get("quantization")}
+
+
+def score_generation_task(engine, task, examples, settings, diagnostics: bool):
+    gens = engine.generate([e["prompt"] for e in examples], settings, diagnostics=diagnostics)
+    rows = []
+    for e, g in zip(examples, gens):
+        rows.append({"prompt": e["prompt"], "generation": g.text, "answers": e["answers"],
+                     "score": M.score(task.metric, g.text, e["answers"], list(task.get("stop") or []))})
+    return rows
+
+
+def score_multiple_choice(engine, task, records):
+    """MC1: the choice with the highest log-likelihood under the proxy distribution."""
+    rows = []
+    for rec in records:
+        prompt = to_example(task, rec, "eval")["prompt"] if task.get("prompt_template") else str(rec["prompt"])
+        choices = [str(c) for c in get_field(rec, task.choices_field)]
+        labels = list(get_field(rec, task.labels_field))
+        if 1 not in labels:
+            raise UserError(f"task '{task.name}': a record has no correct choice (label 1) in {task.labels_field}")
+        fmt = task.get("choice_template", " {choice}")
+        scored = engine.score([prompt] * len(choices), [fmt.replace("{choice}", c) for c in choices])
+        lls = [s["logprob"] for s in scored]
+        rows.append({"prompt": prompt, "choices": choices, "loglikelihoods": lls,
+                     "prediction": choices[M.mc1_choice(lls)], "score": M.mc1(lls, labels.index(1))})
+    return rows
+
+
+def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
+    out_dir = out_dir or hydra_output_dir()
+    done = finished_result(out_dir, cfg)
+    if done is not None:
+        print(f"already done, skipping: {Path(out_dir) / METRICS_FILE}")
+        return done
+    if cfg.get("model"):
+        with open_dict(cfg):
+            cfg.base, cfg.expert = cfg.model, None
+    task = task_of(cfg)
+    settings = generation_settings(cfg.generation)
+    settings.stop = list(task.get("stop") or [])
+    with tracked(cfg, job_type="eval", run_dir=out_dir) as tracker:
+        engine, pairs = build_engine(cfg)
+        diagnostics = bool(cfg.proxy.diagnostics) and bool(pairs) and not cfg.proxy.get("speculative", {}).get("k")
+        if task.metric == "mc1":
+            rows = score_multiple_choice(engine, task, load_records(task, "eval"))
+        else:
+            examples = [to_example(task, r, "eval", where=f"record {i + 1}")
+                        for i, r in enumerate(load_records(task, "eval"))]
+            rows = score_generation_task(engine, task, examples, settings, diagnostics)
+        stats = engine.last_stats
+        result = {
+            task.metric: M.mean(r["score"] for r in rows),
+            "num_examples": len(rows),
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+        }
+        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token"):
+            if getattr(stats, key) is not None:
+                result[key] = round(getattr(stats, key), 4)
+        record = {"task": task.name, "metric": task.metric, **describe(cfg, pairs), "metrics": result}
+        write_jsonl(Path(out_dir) / "predictions.jsonl", rows)
+        atomic_write_json(Path(out_dir) / METRICS_FILE, record)
+        tracker.summary(result)
+        tracker.table("predictions", [{k: r.get(k) for k in ("prompt", "generation", "prediction", "score")}
+                                      for r in rows[:200]])
+        if not pairs:
+            from training.registry import update_scores
+
+            update_scores(str(cfg.base), task.name, {task.metric: result[task.metric]})
+        mark_finished(out_dir, cfg, record)
+    print(f"{task.name} {task.metric} = {result[task.metric]:.4f} over {len(rows)} examples "
+          f"({record['role']}); wrote {Path(out_dir) / METRICS_FILE}")
+    return record
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    record = evaluate(cfg)
+    return float(record["metrics"][record["metric"]])
+
+
+if __name__ == "__main__":
+    main()

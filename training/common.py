@@ -1,0 +1,319 @@
+"""What SFT and DPO share: the model to tune, PEFT, the trainer's arguments, resuming, merging, and
+the card that registers the result.
+
+A job's folder is `${paths.outputs}/train/<name>` (or `output_dir=`). The name defaults to the task,
+algorithm, adaptation, model and a hash of the config, so running the same command again finds the
+same folder: it resumes from the last `checkpoint-N` there, or, if the job finished, skips it.
+
+    <job>/checkpoint-N/   resume state (removed once the job finishes, unless training.keep_checkpoints)
+    <job>/adapter/        the LoRA adapter (LoRA only)
+    <job>/model/          the checkpoint: full weights (or the adapter, with training.merge=false),
+                          tokenizer and card.json; what proxy.run loads and what gets registered
+    <job>/wandb/          the W&B run
+    <job>/result.json     the finished job's metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from proxy.errors import UserError
+from proxy.jobs import config_hash, finished_result, mark_finished
+from proxy.loading import ModelSpec, check_spec, load_model, load_tokenizer, resolve_spec
+from proxy.tracking import tracked
+from proxy.vocab import tokenizer_fingerprint
+from training import tasks as tasks_lib
+from training.registry import Card, register
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODEL_KEY = "model"
+# keys of the training group that are ours, not the TRL config's
+OWN_TRAINING_KEYS = {"merge", "keep_checkpoints", "args"}
+
+
+# ---------------------------------------------------------------- config checks
+
+
+def check_task(cfg: DictConfig) -> DictConfig:
+    task = cfg.get("task")
+    if not task:
+        raise UserError(f"no task given: pass +task=<name> (one of {', '.join(tasks_lib.task_names())})")
+    return task
+
+
+def adaptation(cfg: DictConfig) -> str:
+    """full, lora or qlora."""
+    name = str(cfg.peft.get("name") or "none")
+    return "full" if name == "none" else name
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    """The model to tune, with `load.*` overrides and the PEFT quantization; checked, paths made absolute
+    (an unmerged adapter records its base's path, which must work from any folder)."""
+    overrides = dict(OmegaConf.to_container(cfg.get("load") or {}, resolve=True))
+    if cfg.peft.get("quantization"):
+        overrides["quantization"] = cfg.peft.quantization
+    spec = resolve_spec(cfg[MODEL_KEY], overrides)
+    check_spec(spec)
+    if Path(spec.path).expanduser().is_dir():
+        spec = dataclasses.replace(spec, path=str(Path(spec.path).expanduser().resolve()))
+    return spec
+
+
+def peft_config(cfg: DictConfig):
+    if adaptation(cfg) == "full" or cfg.peft.get("config") is None:
+        return None
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.peft.config, _convert_="all")
+
+
+def check_lora_targets(model, config) -> None:
+    """Refuse target modules that match nothing, naming the model's linear layers to choose from."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None or targets == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules()]
+    if isinstance(targets, str):  # a regex over full module names, as peft reads it
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise UserError(f"LoRA target_modules regex {targets!r} matches no module of the model; "
+                            f"its linear layers are: {', '.join(linear_layer_names(model))}")
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(
+            f"LoRA target module(s) {missing} match no module of the model; its linear layers are: "
+            f"{', '.join(linear_layer_names(model))} (set peft.config.target_modules=[...])"
+        )
+
+
+def linear_layer_names(model) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def trainer_config(cfg: DictConfig, algorithm: str, out_dir: Path, report_to: str):
+    """SFTConfig or DPOConfig from the training group; UserError naming an unknown option."""
+    from trl import DPOConfig, SFTConfig
+
+    cls = SFTConfig if algorithm == "sft" else DPOConfig
+    training = OmegaConf.to_container(cfg.training, resolve=True)
+    kwargs = {k: v for k, v in training.items() if k not in OWN_TRAINING_KEYS and v is not None}
+    kwargs.update(training.get("args") or {})
+    if training.get("bf16") is None:
+        # CPU bf16 autocast is slow and only good for debugging; GPUs train in bf16 as TRL does
+        kwargs["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if not torch.cuda.is_available():
+        kwargs.setdefault("dataloader_pin_memory", False)  # nothing to pin to; silences a warning per run
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"unknown training option(s) {unknown} for {cls.__name__}; see its fields in TRL's docs")
+    kwargs.update(output_dir=str(out_dir), report_to=report_to, run_name=out_dir.name)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"bad training option: {str(err).strip().splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- names and folders
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-.") or "model"
+
+
+def default_name(cfg: DictConfig, algorithm: str) -> str:
+    """<task>-<algorithm>-<adaptation>-<model>-<config hash>: deterministic, so a re-run finds its job."""
+    model = Path(str(cfg[MODEL_KEY]).rstrip("/")).name
+    return f"{_slug(cfg.task.name)}-{algorithm}-{adaptation(cfg)}-{_slug(model)}-{config_hash(cfg)[:8]}"
+
+
+def job_dir(cfg: DictConfig, name: str) -> Path:
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    return Path(cfg.paths.outputs) / "train" / name
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train an expert with TRL (algorithm "sft" or "dpo"), save, register; return the metrics
+    (with `path`, the checkpoint folder, and `name`, its registered name)."""
+    task = check_task(cfg)
+    spec = model_spec(cfg)
+    name = cfg.get("name") or default_name(cfg, algorithm)
+    out = job_dir(cfg, name)
+    done = finished_result(out, cfg)
+    if done is not None:
+        print(f"already trained, skipping: {done['path']}")
+        return done
+    examples = tasks_lib.examples(task, algorithm)
+    lora = peft_config(cfg)
+    tokenizer = load_tokenizer(spec)
+    if task.get("prompt_format") == "chat" and not getattr(tokenizer, "chat_template", None):
+        if not task.get("chat_template"):
+            raise UserError(f"task '{task.name}' trains in chat format but the tokenizer of '{spec.path}' has no "
+                            "chat template; set task.chat_template=<jinja template>")
+        tokenizer.chat_template = task.chat_template
+    model = load_model(spec, for_training=True)
+    if lora is not None:
+        check_lora_targets(model, lora)
+        if spec.quantization:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(cfg.training.get("activation_checkpointing")))
+    resume = last_checkpoint(out)
+
+    import datasets
+
+    dataset = datasets.Dataset.from_list(examples)
+    with tracked(cfg, job_type=algorithm, run_dir=str(out)) as tracker:
+        args = trainer_config(cfg, algorithm, out, report_to="wandb" if tracker.run is not None else "none")
+        trainer = _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callbacks)
+        if resume:
+            print(f"resuming from {resume}")
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = training_metrics(trainer, result, resumed_from=resume)
+        model_dir = save_checkpoint(cfg, trainer, tokenizer, spec, out)
+        card = make_card(cfg, algorithm, name, model_dir, tokenizer, metrics, tracker.info)
+        art = tracker.artifact(str(model_dir), _slug(name), "model",
+                               metadata={"tuned_from": card.tuned_from, "task": card.task, **card.method},
+                               link_to=cfg.get("link_to"))
+        if art:
+            card.wandb["artifact"] = art
+        register(card)
+        metrics.update(path=str(model_dir.resolve()), name=name)
+        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    mark_finished(out, cfg, metrics)
+    if not cfg.training.get("keep_checkpoints"):
+        for ckpt in out.glob("checkpoint-*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
+
+
+def _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callbacks):
+    from trl import DPOTrainer, SFTTrainer
+
+    common = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                  callbacks=list(callbacks) or None)
+    if algorithm == "sft":
+        return SFTTrainer(**common)
+    # the reference is the model as it was before tuning: with LoRA, the same model with its adapter
+    # off (ref_model=None); in full tuning, a frozen second copy
+    ref = None if lora is not None else load_model(spec, for_training=False)
+    return DPOTrainer(ref_model=ref, **common)
+
+
+def training_metrics(trainer, result, resumed_from: str | None = None) -> dict[str, Any]:
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    metrics: dict[str, Any] = {
+        "steps": trainer.state.global_step,
+        "train_loss": result.metrics.get("train_loss"),
+        "runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "first_loss": losses[0][1] if losses else None,
+        "last_loss": losses[-1][1] if losses else None,
+        "resumed_from_step": int(Path(resumed_from).name.split("-")[-1]) if resumed_from else None,
+    }
+    last = next((h for h in reversed(trainer.state.log_history) if "rewards/accuracies" in h), None)
+    if last is not None:  # DPO
+        metrics["reward_accuracy"] = last["rewards/accuracies"]
+        metrics["reward_margin"] = last.get("rewards/margins")
+    return metrics
+
+
+def merge_wanted(cfg: DictConfig) -> bool:
+    merge = cfg.training.get("merge")
+    return adaptation(cfg) != "full" and (merge is None or bool(merge))
+
+
+def save_checkpoint(cfg: DictConfig, trainer, tokenizer, spec: ModelSpec, out: Path) -> Path:
+    """Write the checkpoint proxy.run loads into <job>/model: full weights, a merged LoRA, or the adapter."""
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    if adaptation(cfg) == "full":
+        trainer.save_model(str(model_dir))
+    else:
+        adapter_dir = out / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir))
+        if merge_wanted(cfg):
+            merged = merge_adapter(trainer.model, spec, adapter_dir)
+            merged.save_pretrained(str(model_dir))
+        else:
+            # transformers loads an adapter folder as a model (it reads the base from adapter_config.json)
+            shutil.copytree(adapter_dir, model_dir)
+    tokenizer.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def merge_adapter(peft_model, spec: ModelSpec, adapter_dir: Path):
+    """The base with the adapter folded in. A 4-bit base is reloaded unquantized first, so the merged
+    checkpoint is a plain model rather than a re-quantized approximation."""
+    if not spec.quantization:
+        return peft_model.merge_and_unload()
+    from peft import PeftModel
+
+    base = load_model(dataclasses.replace(spec, quantization=None,
+                                          device_map=spec.device_map if torch.cuda.is_available() else None),
+                      for_training=True)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def make_card(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, tokenizer, metrics: dict[str, Any],
+              wandb_info: dict[str, Any]) -> Card:
+    return Card(
+        name=name,
+        path=str(model_dir.resolve()),
+        tuned_from=str(cfg[MODEL_KEY]),
+        task=str(cfg.task.name),
+        method={"algorithm": algorithm, "adaptation": adaptation(cfg),
+                "merged": merge_wanted(cfg) if adaptation(cfg) != "full" else False},
+        prompt_format=str(cfg.task.get("prompt_format") or "{prompt}"),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        config=json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str)),
+        metrics=dict(metrics),
+        git_commit=git_commit(),
+        wandb=dict(wandb_info),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
+def with_hydra_output_dir(cfg: DictConfig) -> DictConfig:
+    """A user who chose the run folder (hydra.run.dir=...) gets the job there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("output_dir"):
+        return cfg
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return cfg
+    if any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+        cfg.output_dir = hc.runtime.output_dir
+    return cfg

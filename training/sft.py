@@ -1,0 +1,37 @@
+"""Supervised fine-tuning of an expert with TRL's SFTTrainer (loss on the completion only).
+
+    python -m training.sft +task=triviaqa                                   # preset model=llama2-7b
+    python -m training.sft +task=jsonl task.path=data.jsonl model=path/to/small training.max_steps=20
+    python -m training.sft +task=gsm8k peft=lora                            # peft=qlora: 4-bit base
+    python -m training.sft -m +task=triviaqa training.learning_rate=1e-5,2e-5   # one expert per value
+
+Saves and registers the checkpoint (its card names the model it was tuned from, proxy.run's default
+anti-expert) and prints its folder on the last line. The same command again resumes a killed run
+or skips a finished one.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import hydra
+from omegaconf import DictConfig
+
+from proxy.errors import exit_on_user_error
+from training.common import train, with_hydra_output_dir
+
+
+def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train, save and register; the metrics, with `path` (the checkpoint folder) and `name`."""
+    return train(cfg, "sft", callbacks=callbacks)
+
+
+@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    metrics = run(with_hydra_output_dir(cfg))
+    print(metrics["path"], flush=True)
+    return float(metrics.get("last_loss") or 0.0)
+
+
+if __name__ == "__main__":
+    main()
