@@ -14,10 +14,18 @@ from proxy.io import atomic_write_json
 
 RESULT_FILE = "result.json"
 
-# Sweep job folders are named after their overrides; a path in an override would nest folders.
-OmegaConf.register_new_resolver(
-    "safe_name", lambda text: re.sub(r"[^A-Za-z0-9=,.+_-]+", "_", str(text)).strip("_")[:180] or "job", replace=True
-)
+
+
+def safe_name(text: str, limit: int = 120) -> str:
+    """A folder name for a sweep job from its overrides: a path in an override would nest folders,
+    and a long name keeps a hash of the whole text so that jobs never share a folder."""
+    name = re.sub(r"[^A-Za-z0-9=,.+_-]+", "_", str(text)).strip("_") or "job"
+    if len(name) > limit:
+        name = f"{name[: limit - 13]}-{hashlib.sha1(str(text).encode()).hexdigest()[:12]}"
+    return name
+
+
+OmegaConf.register_new_resolver("safe_name", safe_name, replace=True)
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -41,7 +41,8 @@ def preset_names() -> list[str]:
 
 
 def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> ModelSpec:
-    """A preset name from conf/presets/ (e.g. `llama2-13b`), a local folder, or a hub id."""
+    """A preset name from conf/presets/ (e.g. `llama2-13b`), a registered checkpoint name, a local
+    folder, or a hub id."""
     if not name_or_path or str(name_or_path) in ("???", "None"):
         raise UserError("no model given: pass a preset name, a local checkpoint folder or a hub id")
     name_or_path = str(name_or_path)
@@ -50,9 +51,19 @@ def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) 
         data = OmegaConf.to_container(OmegaConf.load(preset), resolve=True)
         data = {k: v for k, v in data.items() if k in {f.name for f in fields(ModelSpec)}}
         spec = ModelSpec(**data)
+    elif not Path(name_or_path).expanduser().exists() and _registered_path(name_or_path):
+        spec = ModelSpec(path=_registered_path(name_or_path))
     else:
         spec = ModelSpec(path=name_or_path)
     return spec.with_overrides(overrides)
+
+
+def _registered_path(name: str) -> str | None:
+    from training.registry import entries, resolve
+
+    if name not in entries():
+        return None
+    return resolve(name)[0]
 
 
 def looks_local(path: str) -> bool:

@@ -285,12 +285,25 @@ def merge_adapter(peft_model, spec: ModelSpec, adapter_dir: Path):
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
+def pretrained_root(model: str) -> str:
+    """What a model was ultimately tuned from: a tuned checkpoint's own `tuned_from`, else itself.
+
+    An expert tuned further (DPO on an SFT expert) keeps the pretrained model as its anti-expert, as
+    the paper's chat expert (SFT then RLHF) is steered against the untuned base."""
+    from training.registry import resolve
+
+    _, card = resolve(model)
+    return card.tuned_from if card is not None else model
+
+
 def make_card(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, tokenizer, metrics: dict[str, Any],
               wandb_info: dict[str, Any]) -> Card:
+    parent = str(cfg[MODEL_KEY])
     return Card(
         name=name,
         path=str(model_dir.resolve()),
-        tuned_from=str(cfg[MODEL_KEY]),
+        tuned_from=pretrained_root(parent),
+        parent=parent,
         task=str(cfg.task.name),
         method={"algorithm": algorithm, "adaptation": adaptation(cfg),
                 "merged": merge_wanted(cfg) if adaptation(cfg) != "full" else False},

@@ -43,7 +43,8 @@ SCALES = {
         "n_people": 40,
         "vocab_size": 320,
         "small": {"hidden": 16, "layers": 1, "heads": 2, "ffn": 32, "epochs": 1, "lr": 3e-3},
-        "large": {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "epochs": 1, "lr": 3e-3},
+        # 64 wide: bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 (the demo's NF4 step)
+        "large": {"hidden": 64, "layers": 2, "heads": 2, "ffn": 128, "epochs": 1, "lr": 3e-3},
         "batch_size": 16,
     },
 }

@@ -32,9 +32,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Card:
     name: str
     path: str  # the checkpoint folder (absolute)
-    tuned_from: str  # preset, hub id or path of the model it was tuned from: the anti-expert
+    tuned_from: str  # the pretrained model this was tuned from (preset, hub id or path): the anti-expert
     task: str
     method: dict[str, Any]  # {"algorithm": "sft"|"dpo", "adaptation": "full"|"lora"|"lora-merged", ...}
+    parent: str | None = None  # the checkpoint training started from, when it was already tuned
     prompt_format: str = "{prompt}"  # how the expert saw prompts in training (proxy.prompts.render)
     tokenizer_fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)

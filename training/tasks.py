@@ -86,6 +86,12 @@ def _split_for(task: DictConfig, method: str) -> str | None:
 def load_records(task: DictConfig, method: str = "sft") -> list[dict[str, Any]]:
     """The raw records of a task for a method (sft, dpo or eval): a local JSONL or a hub dataset split."""
     local = task.get("data_files") or task.get("path")
+    if isinstance(local, Mapping):  # one file per split
+        split = _split_for(task, method)
+        if split not in local:
+            raise UserError(f"task '{task.get('name')}' has no local file for split '{split}' "
+                            f"(it has {', '.join(local)}); set task.data_files.{split}=<file.jsonl>")
+        local = local[split]
     if local:
         records = read_jsonl(local)
     elif task.get("dataset"):
