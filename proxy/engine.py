@@ -132,8 +132,8 @@ class ModelStream:
         self.forwards = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run the prompts; return the last position's logits (B, V)."""
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, last: int = 1) -> torch.Tensor:
+        """Run the prompts; return the last position's logits (B, V), or the last `last` positions' (B, last, V)."""
         self.cache = DynamicCache(config=self.model.config)
         self.mask = mask.to(self.device)
         out = self.model(
@@ -142,11 +142,11 @@ class ModelStream:
             position_ids=positions_from_mask(self.mask),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=last,
         )
         self.next_pos = self.mask.sum(-1, keepdim=True)
         self.forwards += 1
-        return out.logits[:, -1]
+        return out.logits[:, -1] if last == 1 else out.logits[:, -last:]
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -176,6 +176,8 @@ class ModelStream:
 
         Rows keep different numbers, so a rejected slot stays in the cache masked out (a hole the
         attention mask hides); the tail that no row keeps is cropped from the cache."""
+        if fed == 0:
+            return
         valid = valid.to(self.device)
         keep = torch.arange(fed, device=self.device)[None, :] < valid[:, None]
         self.mask[:, -fed:] = keep.to(self.mask.dtype)
@@ -232,6 +234,16 @@ class ProxyEngine:
         self.last_stats = DecodeStats()
         # a format is rendered by the tokenizer of the expert that reads it (a chat template is the expert's)
         self.renderers = {p.expert_format: p.tokenizer for p in self.pairs if p.expert_format and p.tokenizer}
+        self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
+
+    def stop_criteria(self, stop: Sequence[str]) -> StopStringCriteria | None:
+        """transformers' stop-string matcher, built once per set of strings (it embeds the whole vocabulary)."""
+        if not stop:
+            return None
+        key = tuple(stop)
+        if key not in self._stop_criteria:
+            self._stop_criteria[key] = StopStringCriteria(self.tokenizer, list(stop))
+        return self._stop_criteria[key]
 
     # -- streams ----------------------------------------------------------------------------------
     def _stream_plan(self):
@@ -316,7 +328,7 @@ class ProxyEngine:
         processors = logits_processors(settings, prompt_width, self.eos_id)
         length_done = MaxLengthCriteria(max_length=prompt_width + settings.max_new_tokens)
         eos_done = EosTokenCriteria(eos_token_id=self.eos_id) if self.eos_id is not None else None
-        stop_done = StopStringCriteria(self.tokenizer, list(settings.stop)) if settings.stop else None
+        stop_done = self.stop_criteria(settings.stop)
 
         batch = len(prompts)
         stats.row_forwards += batch

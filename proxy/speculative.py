@@ -17,7 +17,6 @@ import torch
 from transformers import (
     EosTokenCriteria,
     LogitsProcessorList,
-    StopStringCriteria,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -87,17 +86,16 @@ class SpeculativeProxyEngine(ProxyEngine):
         encoded = {key: [self.encode(p, key[1]) for p in prompts] for key in streams}
         self._check_lengths(streams, encoded, prompts, settings.max_new_tokens + K_MAX + 1)
         runners = {key: ModelStream(model) for key, model in streams.items()}
-        prefill = {}
-        for key, runner in runners.items():
-            ids, mask = left_pad(encoded[key], self.pad_id)
-            prefill[key] = runner.prefill(ids, mask)
+        padded = {key: left_pad(encoded[key], self.pad_id) for key in streams}
+        drafter = runners[draft_key]
+        drafter_prompt_logits = drafter.prefill(*padded[draft_key])
         base_rows = encoded[base_key]
-        prompt_width = max(len(r) for r in base_rows)
+        prompt_width = padded[base_key][0].shape[1]
         batch = len(prompts)
         dev = self.device
 
         processors = logits_processors(settings, prompt_width, self.eos_id)
-        stop_done = StopStringCriteria(self.tokenizer, list(settings.stop)) if settings.stop else None
+        stop_done = self.stop_criteria(settings.stop)
         eos_done = EosTokenCriteria(eos_token_id=self.eos_id) if self.eos_id is not None else None
         generated: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
@@ -132,31 +130,33 @@ class SpeculativeProxyEngine(ProxyEngine):
                 return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1)
             return scores.argmax(-1)
 
-        first = pick(warp(self.combine(prefill, base_key, pair_keys)[:, None], 0)[:, 0])
-        for row in range(batch):
-            commit(row, [int(first[row])])
-        stats.new_tokens += batch
-        stats.row_forwards += batch
-        pending = first
+        # The first round has no pending token: the expert drafts from the prompt, and the other models
+        # read the prompt and the drafts in one forward (their prefill is the first verification).
+        pending = None
         draft_len = DraftLength(self.k_setting)
-        drafter = runners[draft_key]
         while not all(finished):
             k = draft_len.k
             active = torch.tensor([not f for f in finished], device=dev)
-            pad = torch.full_like(pending, self.pad_id)
-            pending = torch.where(active, pending, pad)
+            lead = 0 if pending is None else 1  # tokens fed before the drafts: the pending one
 
             t0 = time.perf_counter()
-            draft_logits, drafts, tok = [], [], pending
+            draft_logits, drafts = [], []
+            lg = drafter_prompt_logits if pending is None else drafter.step(
+                torch.where(active, pending, torch.full_like(pending, self.pad_id)))
             for j in range(k):
-                lg = drafter.step(tok)
+                if j:
+                    lg = drafter.step(drafts[-1])
                 draft_logits.append(lg)
-                tok = pick(warp(lg[:, None, : self.vocab_size].float(), j)[:, 0])
-                drafts.append(tok)
+                drafts.append(pick(warp(lg[:, None, : self.vocab_size].float(), j)[:, 0]))
             t1 = time.perf_counter()
             drafted = torch.stack(drafts, 1)  # (B, k)
-            fed = torch.cat([pending[:, None], drafted], 1)  # (B, k+1)
-            verify = {key: r.feed(fed) for key, r in runners.items() if key != draft_key}
+            if pending is None:
+                verify = {key: r.prefill(torch.cat([padded[key][0], drafted], 1),
+                                         torch.cat([padded[key][1], torch.ones_like(drafted)], 1), last=k + 1)
+                          for key, r in runners.items() if key != draft_key}
+            else:
+                fed = torch.cat([pending[:, None], drafted], 1)  # (B, k+1)
+                verify = {key: r.feed(fed) for key, r in runners.items() if key != draft_key}
             t2 = time.perf_counter()
 
             scores = self._combine_at(verify, draft_key, torch.stack(draft_logits, 1), base_key, pair_keys)
@@ -169,10 +169,10 @@ class SpeculativeProxyEngine(ProxyEngine):
                 n_acc = (proxy_top == drafted).long().cumprod(1).sum(1)  # (B,)
                 fix = proxy_top.gather(1, n_acc.clamp_max(k - 1)[:, None]).squeeze(1)
             all_in = (n_acc == k) & active
-            drafter_fed = k
+            drafter_fed = k - 1 + lead  # the pending token and the drafts but the last
             if all_in.any():  # the bonus token needs the expert's logits after the last draft
                 bonus_expert = drafter.step(drafted[:, -1])
-                drafter_fed = k + 1
+                drafter_fed += 1
                 bonus_scores = self._combine_at(
                     {key: lg[:, k:] for key, lg in verify.items()}, draft_key, bonus_expert[:, None], base_key,
                     pair_keys,
@@ -186,9 +186,9 @@ class SpeculativeProxyEngine(ProxyEngine):
                     before = len(generated[row])
                     commit(row, drafted[row, : n_list[row]].tolist() + [int(fix[row])])
                     stats.new_tokens += len(generated[row]) - before
-            keep = n_acc + 1
+            keep = n_acc + lead
             for key, runner in runners.items():
-                runner.keep(drafter_fed if key == draft_key else k + 1, keep)
+                runner.keep(drafter_fed if key == draft_key else k + lead, keep)
             pending = fix
 
             rows_active = int(active.sum())
