@@ -102,3 +102,29 @@ def test_sweep_job_folder_names_are_flat_and_unique():
     assert "/" not in safe_name(long + "0") and len(safe_name(long + "0")) <= 120
     assert safe_name(long + "0") != safe_name(long + "1")
     assert safe_name("proxy.alpha=0.5") == "proxy.alpha=0.5"
+
+
+def test_mc1_picks_the_choice_the_proxy_finds_likeliest(tiny_family, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from eval.run import evaluate
+    from proxy.engine import ProxyEngine, SteeringPair
+    from proxy.loading import CONF_DIR, load_model, load_tokenizer
+
+    fixture = ROOT / "tests" / "fixtures" / "truthfulqa_mc1.jsonl"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            "+task=truthfulqa_mc1", f"task.data_files={fixture}", f"base={tiny_family.large}",
+            f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}", "proxy.alpha=1.0", "logger=none"])
+    record = evaluate(cfg, out_dir=str(tmp_path / "mc1"))
+    engine = ProxyEngine(load_model(tiny_family.large), load_tokenizer(tiny_family.large),
+                         [SteeringPair(load_model(tiny_family.expert), load_model(tiny_family.small), 1.0)])
+    want = []
+    for line in fixture.read_text().splitlines():
+        rec = json.loads(line)
+        choices = rec["mc1_targets"]["choices"]
+        lls = [s["logprob"] for s in engine.score([f"Q: {rec['question']}\nA:"] * len(choices),
+                                                  [f" {c}" for c in choices])]
+        want.append(float(max(range(len(lls)), key=lls.__getitem__) == rec["mc1_targets"]["labels"].index(1)))
+    assert record["metric"] == "mc1" and record["metrics"]["num_examples"] == 4
+    assert record["metrics"]["mc1"] == pytest.approx(sum(want) / len(want))
