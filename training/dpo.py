@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from proxy.errors import exit_on_user_error
-from training.common import train, with_hydra_output_dir
+from training.common import cli_main, train
 
 
 def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -28,9 +28,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 @hydra.main(config_path="../conf", config_name="dpo", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
-    metrics = run(with_hydra_output_dir(cfg))
-    print(metrics["path"], flush=True)
-    return float(metrics.get("last_loss") or 0.0)
+    return cli_main(cfg, "dpo")
 
 
 if __name__ == "__main__":
