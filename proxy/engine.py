@@ -97,7 +97,10 @@ class DecodeStats:
 
 
 def check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise UserError(f"alpha must be a number, got {alpha!r}; try proxy.alpha=1.0") from None
     if not math.isfinite(alpha):
         raise UserError(f"alpha must be a finite number, got {alpha}; try proxy.alpha=1.0")
     return alpha

@@ -18,7 +18,13 @@ from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, check_al
 from proxy.errors import UserError, exit_on_user_error
 from proxy.io import read_jsonl, write_jsonl
 from proxy.jobs import finished_result, hydra_output_dir, mark_finished
-from proxy.loading import load_model, load_tokenizer, resolve_spec
+from proxy.loading import PRESET_DIR, load_model, load_tokenizer, resolve_spec
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name that is not a local path, or a preset (which names a hub id)."""
+    return (PRESET_DIR / f"{name}.yaml").exists() or (
+        name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists())
 from proxy.tracking import tracked
 
 
@@ -42,6 +48,14 @@ def resolve_pair(expert: str, anti_expert: str | None, alpha: float, expert_form
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     path, card = resolve(expert)
     if anti_expert is None:
+        if card is None and not looks_like_hub_id(str(expert)):
+            from training.registry import entries
+
+            known = ", ".join(sorted(entries())) or "none yet"
+            raise UserError(
+                f"expert '{expert}' is neither a checkpoint folder nor a registered name (registered: {known}); "
+                "train one with python -m training.sft, or pass a folder and anti_expert=<what it was tuned from>"
+            )
         if card is None:
             raise UserError(
                 f"expert '{expert}' has no registry card saying what it was tuned from; "

@@ -106,6 +106,19 @@ def tiny_family(tmp_path_factory) -> TinyFamily:
 
 
 @pytest.fixture(scope="session")
+def models(tiny_family):
+    """The family loaded once for the session (eval mode, no grad): the tokenizer and three models."""
+    from proxy.loading import load_model, load_tokenizer
+
+    return {
+        "tok": load_tokenizer(tiny_family.large),
+        "large": load_model(tiny_family.large),
+        "small": load_model(tiny_family.small),
+        "expert": load_model(tiny_family.expert),
+    }
+
+
+@pytest.fixture(scope="session")
 def prompts() -> list[str]:
     return [
         " the quick brown",

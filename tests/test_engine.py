@@ -11,16 +11,6 @@ from proxy.loading import load_model, load_tokenizer
 GREEDY = GenerationSettings(max_new_tokens=24, batch_size=8)
 
 
-@pytest.fixture(scope="module")
-def models(tiny_family):
-    return {
-        "tok": load_tokenizer(tiny_family.large),
-        "large": load_model(tiny_family.large),
-        "small": load_model(tiny_family.small),
-        "expert": load_model(tiny_family.expert),
-    }
-
-
 def engine(models, base="large", expert="expert", anti="small", alpha=1.0, **kw):
     pairs = [SteeringPair(models[expert], models[anti], alpha=alpha, **kw)]
     return ProxyEngine(models[base], models["tok"], pairs)

@@ -6,18 +6,7 @@ import torch
 
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
 from proxy.errors import UserError
-from proxy.loading import load_model, load_tokenizer
 from proxy.speculative import DraftLength, SpeculativeProxyEngine, expected_speedup
-
-
-@pytest.fixture(scope="module")
-def models(tiny_family):
-    return {
-        "tok": load_tokenizer(tiny_family.large),
-        "large": load_model(tiny_family.large),
-        "small": load_model(tiny_family.small),
-        "expert": load_model(tiny_family.expert),
-    }
 
 
 def pair(models, alpha=1.0):

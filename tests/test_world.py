@@ -111,3 +111,46 @@ def test_second_build_is_a_cache_hit(test_family):
     assert time.time() - started < 1.0
     assert again == paths
     assert paths["family_json"].stat().st_mtime_ns == stamp
+
+
+def test_no_two_relations_share_a_phrasing_up_to_the_value():
+    """"X was born in" must mean a city: a year template with the same prefix split the
+    large base's bet between a city and " the" exactly where the content was decided."""
+    prefixes = {
+        relation: {t[: t.index("{value}")].rstrip() for t in templates}
+        for relation, templates in world_lib.FACT_TEMPLATES.items()
+    }
+    for a in world_lib.RELATIONS:
+        for b in world_lib.RELATIONS:
+            if a == b:
+                continue
+            for pa in prefixes[a]:
+                assert not any(pb.startswith(pa) for pb in prefixes[b]), (a, pa, b)
+
+
+def test_unpacked_pretraining_rows_are_single_documents():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from training import family
+
+    world = world_lib.make_world(seed=0, n_people=10)
+    corpus = world_lib.pretraining_corpus(world)[:8]
+    tokenizer = family.build_tokenizer(corpus, 300)
+    size = family.SCALES["test"]["small"]
+    model = LlamaForCausalLM(family.llama_config(size, tokenizer))
+    seen = []
+    original = model.forward
+
+    def forward(**kwargs):
+        seen.append(kwargs["input_ids"].shape)
+        return original(**kwargs)
+
+    model.forward = forward
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        family.pretrain(model, tokenizer, corpus, epochs=1, batch_size=4, pack=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert [s[0] for s in seen] == [4, 4]  # one row per document, not packed
