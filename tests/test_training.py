@@ -262,3 +262,14 @@ def test_contract_train_then_proxy_run_without_anti_expert(tiny_family, tmp_path
         metrics = proxy_run.run(cfg, out_dir=str(run_dir))
         assert metrics["anti_expert"] == tiny_family.small and metrics["num_prompts"] == 2
         assert (run_dir / "generations.jsonl").exists()
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    for step, complete in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert common.last_checkpoint(tmp_path / "none") is None

@@ -144,9 +144,14 @@ def job_dir(cfg: DictConfig, name: str) -> Path:
 
 
 def last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The newest complete checkpoint-N folder. The Trainer writes trainer_state.json last, so a run
+    killed while saving leaves a folder without it, which is skipped for the one before."""
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and p.is_dir())
+    complete = [p for _, p in steps if (p / "trainer_state.json").exists()]
+    return str(complete[-1]) if complete else None
 
 
 def git_commit() -> str | None:
