@@ -48,7 +48,7 @@ def resolve_pair(expert: str, anti_expert: str | None, alpha: float, expert_form
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     path, card = resolve(expert)
     if anti_expert is None:
-        if card is None and not looks_like_hub_id(str(expert)):
+        if card is None and not Path(str(expert)).expanduser().is_dir() and not looks_like_hub_id(str(expert)):
             from training.registry import entries
 
             known = ", ".join(sorted(entries())) or "none yet"
