@@ -64,7 +64,7 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     task = runs[0]["task"] if runs else None
     alone = {identity(r["model"]): r for r in runs if r["role"] == "model" and r["task"] == task}
     proxies = sorted((r for r in runs if r["role"] == "proxy" and r["task"] == task),
-                     key=lambda r: (str(r.get("expert")), str(r.get("base_quantization")), r["alpha"]))
+                     key=lambda r: (str(r.get("expert")), str(r.get("variant")), r["alpha"]))
     if not proxies:
         raise UserError("no proxy runs among these folders; evaluate one with python -m eval.run expert=...")
     rows: list[dict[str, Any]] = []
@@ -90,8 +90,8 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"kind": "proxy", "model": large, "expert": p["expert"], "alpha": p["alpha"],
                metric: p["metrics"][metric], "changed_share": p["metrics"].get("changed_share"),
                "run_dir": p["run_dir"]}
-        if p.get("base_quantization"):
-            row["base_quantization"] = p["base_quantization"]
+        if p.get("variant"):
+            row["variant"] = p["variant"]
         if base_score is not None and tuned_score is not None:
             row["gap_closed"] = gap_closed(row[metric], base_score, tuned_score)
         rows.append(row)
@@ -102,8 +102,8 @@ def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     lines = [f"{'':<14} {'model':<34} {'alpha':>5} {metric:>12} {'gap closed':>10} {'changed':>8}"]
     for r in rows:
         name = r["model"] if r["kind"] != "proxy" else f"{Path(str(r['model'])).name} + {Path(str(r['expert'])).name}"
-        if r.get("base_quantization"):
-            name += f" ({r['base_quantization']})"
+        if r.get("variant"):
+            name += f" ({r['variant']})"
         gap = f"{r['gap_closed'] * 100:.0f}%" if r.get("gap_closed") is not None else ""
         changed = f"{r['changed_share'] * 100:.1f}%" if r.get("changed_share") is not None else ""
         alpha = f"{r['alpha']:g}" if "alpha" in r else ""
@@ -122,7 +122,7 @@ def plot_alpha(rows: list[dict[str, Any]], metric: str, path: Path, title: str =
     experts: dict[str, list] = {}
     for r in rows:
         if r["kind"] == "proxy":
-            label = Path(str(r["expert"])).name + (f" ({r['base_quantization']})" if r.get("base_quantization") else "")
+            label = Path(str(r["expert"])).name + (f" ({r['variant']})" if r.get("variant") else "")
             experts.setdefault(label, []).append((r["alpha"], r[metric]))
     for label, points in experts.items():
         points.sort()

@@ -37,9 +37,11 @@ def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
     if not pairs:
         return {"role": "model", "model": str(cfg.base)}
     first = pairs[0]
+    k = (cfg.proxy.get("speculative") or {}).get("k")
+    options = [str(cfg.load.base.get("quantization") or ""), "shared pair" if cfg.proxy.get("shared_pair") else "",
+               f"speculative k={k}" if k is not None else ""]
     return {"role": "proxy", "model": str(cfg.base), "expert": first.name, "anti_expert": first.anti_expert,
-            "alpha": first.alpha, "speculative_k": (cfg.proxy.get("speculative") or {}).get("k"),
-            "base_quantization": cfg.load.base.get("quantization")}
+            "alpha": first.alpha, "variant": ", ".join(o for o in options if o) or None}
 
 
 def score_generation_task(engine, task, examples, settings, diagnostics: bool):

@@ -19,7 +19,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any] | None:
     metric = runs[0]["metric"]
     rows = [{"job": Path(r["run_dir"]).name, "kind": r["role"] if r["role"] == "model" else "proxy",
              "model": r["model"], "expert": r.get("expert"), "alpha": r.get("alpha"),
-             "base_quantization": r.get("base_quantization"), metric: r["metrics"][metric],
+             "variant": r.get("variant"), metric: r["metrics"][metric],
              "changed_share": r["metrics"].get("changed_share")} for r in runs]
     lines = [f"| job | expert | alpha | {metric} | changed |", "|---|---|---|---|---|"]
     for r in rows:

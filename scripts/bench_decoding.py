@@ -117,11 +117,13 @@ def main() -> None:
     parser.add_argument("--expert", default=None, help="default: the demo's registered 'tiny-expert'")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per configuration")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts of the fixed-length workload")
+    parser.add_argument("--task-prompts", type=int, default=64, help="prompts of the task-prompt workload")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--qa-tokens", type=int, default=32, help="cap for the task-prompt workload")
-    parser.add_argument("--lora", default=None, help="an unmerged LoRA expert folder: adds the shared-weight pair")
+    parser.add_argument("--lora", default=None,
+                        help="an unmerged LoRA expert folder (default: the demo's 'tiny-expert-lora'): the shared pair")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--out", default=str(PROJECT / "outputs" / "bench" / "decoding.json"))
     args = parser.parse_args()
@@ -131,16 +133,22 @@ def main() -> None:
         raise SystemExit(f"error: no model family at {args.family}; build it with `make demo` "
                          "or `python -m training.family --out .cache/tiny-family`")
     tok, base, expert, anti, expert_path = load_family(args)
+    if args.lora is None:
+        from training.registry import resolve
+
+        lora_path, lora_card = resolve("tiny-expert-lora")
+        args.lora = lora_path if lora_card is not None else None
     task = Path(args.family) / "task" / "test.jsonl"
     if task.exists():
-        prompts = [json.loads(l)["prompt"] for l in task.read_text().splitlines()[: args.prompts]]
+        task_prompts = [json.loads(line)["prompt"] for line in task.read_text().splitlines()[: args.task_prompts]]
     else:
-        prompts = [" the quick brown"] * args.prompts
+        task_prompts = [" the quick brown"] * args.task_prompts
+    prompts = task_prompts[: args.prompts]
     pair = [SteeringPair(expert, anti, args.alpha)]
     flops_ratio = forward_flops(anti) / forward_flops(base)
     bound = 1 + 2 * flops_ratio + 0.3
-    print(f"family {args.family}; expert {expert_path or '(untuned small model)'}; {len(prompts)} prompts; "
-          f"{args.new_tokens} new tokens (forced); small/large FLOPs per token = {flops_ratio:.3f}")
+    print(f"family {args.family}; expert {expert_path or '(untuned small model)'}; "
+          f"small/large FLOPs per token = {flops_ratio:.3f}")
 
     results = []
 
@@ -184,7 +192,7 @@ def main() -> None:
             configs["naive_loop"] = lambda: sum(
                 naive_proxy((base, expert, anti), tok, prompts[i : i + batch], args.alpha, args.new_tokens).shape[0]
                 * args.new_tokens for i in range(0, len(prompts), batch))
-        print(f"\n[fixed length] {args.new_tokens} new tokens per prompt, batch {batch}")
+        print(f"\n[fixed length] {len(prompts)} prompts, {args.new_tokens} new tokens each, batch {batch}")
         rows = record("fixed_length", batch, time_configs(configs, args.repeats), {"proxy": plain})
         show(rows)
         proxy_t = next(e["seconds"] for e in rows if e["name"] == "proxy")
@@ -205,14 +213,16 @@ def main() -> None:
             shared_pair = [SteeringPair(shared, shared, args.alpha, shared=True)]
             engines["shared_pair"] = ProxyEngine(base, tok, shared_pair)
             engines["shared_pair_spec_k4"] = SpeculativeProxyEngine(base, tok, shared_pair, k=4)
-        configs = {"base_generate": lambda: base_generate(base, tok, prompts, settings)}
-        configs.update({name: (lambda e: lambda: engine_run(e, prompts, settings))(e) for name, e in engines.items()})
+        configs = {"base_generate": lambda: base_generate(base, tok, task_prompts, settings)}
+        configs.update({name: (lambda e: lambda: engine_run(e, task_prompts, settings))(e)
+                        for name, e in engines.items()})
         timed = time_configs(configs, args.repeats)
         tb = forward_times(base, batch, 40, lengths=(1, 3, 5, 7))
         te = forward_times(anti, batch, 40, lengths=(1,))
         r = tb[1] / te[1]
         verify = {n: tb[n] / tb[1] for n in tb}
-        print(f"\n[task prompts] up to {args.qa_tokens} new tokens, stop at newline, batch {batch}: one base forward "
+        print(f"\n[task prompts] {len(task_prompts)} prompts, up to {args.qa_tokens} new tokens, stop at newline, "
+              f"batch {batch}: one base forward "
               f"{tb[1] * 1e3:.2f} ms, one small forward {te[1] * 1e3:.2f} ms, r = {r:.2f}; verifying n tokens / 1: "
               + ", ".join(f"{n}: {verify[n]:.2f}" for n in (3, 5, 7)))
         show(record("task_prompts", batch, timed, engines), r, verify)

@@ -87,6 +87,9 @@ def main() -> None:
     print("[2/5] expert: SFT of the small base on the tuning people (full fine-tuning)")
     expert = train("sft", sft_overrides("small", "tiny-expert", out))
     experts = {"tiny-expert": expert}
+    print("[2/5] a LoRA expert, left unmerged: proxy decoding can run it as its own anti-expert")
+    experts["tiny-expert-lora"] = train("sft", [*sft_overrides("small", "tiny-expert-lora", out), "peft=lora",
+                                                "training.merge=false", "training.learning_rate=3e-3"])
     if not args.no_dpo:
         print("[2/5] a second expert: DPO of the SFT expert on preference pairs (its anti-expert stays the small base)")
         experts["tiny-expert-dpo"] = train("dpo", dpo_overrides(expert, out))
@@ -102,6 +105,8 @@ def main() -> None:
             evaluate(f"proxy-{name}-a{alpha:g}", ["base=tiny-large", f"expert={name}", f"proxy.alpha={alpha}"], out)
     evaluate("proxy-tiny-expert-a1-nf4", ["base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
                                           "load.base.quantization=nf4"], out)
+    evaluate("proxy-tiny-expert-lora-a1-shared", ["base=tiny-large", "expert=tiny-expert-lora", "proxy.alpha=1.0",
+                                                  "proxy.shared_pair=true"], out)
 
     print("[5/5] report")
     from eval.report import write_report

@@ -87,7 +87,7 @@ def test_the_demo_runs_end_to_end_at_test_scale(tmp_path):
     assert kinds == {"small base", "small expert", "large base", "large tuned", "proxy"}
     proxies = [r for r in report["rows"] if r["kind"] == "proxy"]
     assert {r["alpha"] for r in proxies} == {0.5, 1.0, 1.5, 2.0}
-    assert any(r.get("base_quantization") == "nf4" for r in proxies)
+    assert any(r.get("variant") == "nf4" for r in proxies)
     assert Path(report["plot"]).exists()
     # the expert's card names the small base as what it was tuned from; the DPO expert's too (lineage)
     registry = json.loads((tmp_path / "registry.json").read_text())

@@ -113,21 +113,6 @@ def test_second_build_is_a_cache_hit(test_family):
     assert paths["family_json"].stat().st_mtime_ns == stamp
 
 
-def test_no_two_relations_share_a_phrasing_up_to_the_value():
-    """"X was born in" must mean a city: a year template with the same prefix split the
-    large base's bet between a city and " the" exactly where the content was decided."""
-    prefixes = {
-        relation: {t[: t.index("{value}")].rstrip() for t in templates}
-        for relation, templates in world_lib.FACT_TEMPLATES.items()
-    }
-    for a in world_lib.RELATIONS:
-        for b in world_lib.RELATIONS:
-            if a == b:
-                continue
-            for pa in prefixes[a]:
-                assert not any(pb.startswith(pa) for pb in prefixes[b]), (a, pa, b)
-
-
 def test_unpacked_pretraining_rows_are_single_documents():
     import torch
     from transformers import LlamaForCausalLM

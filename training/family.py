@@ -113,13 +113,30 @@ def pretrain(
     batch_size: int = 16,
     seed: int = 0,
     desc: str = "pretrain",
+    pack: bool = True,
 ) -> list[float]:
-    """Plain torch loop (faster than Trainer at this size). Returns the mean loss per epoch."""
+    """Plain torch loop (faster than Trainer at this size). Returns the mean loss per epoch.
+
+    pack=False (a model's "pack" key in SCALES) trains one document per row, as a prompt is seen:
+    every document starts at position 0 and attends to nothing but itself. Packing several
+    biographies into a 128-token row gives 4-5x fewer optimizer steps per epoch and lets a
+    biography attend to other people's; measured on the full world (seed 0, large base,
+    cloze recall on held-out people after 4 of 20 epochs): 19% unpacked vs 3% packed with
+    batch 4, and 76% after all 24 epochs packed with batch 16; unpacked 12 epochs: 100%).
+    But an unpacked large base never sees a biography after other text, and after a question
+    prompt it stated wrong facts (proxy EM 1.5%): hence still packed by default.
+    """
     generator = random.Random(seed)
     torch.manual_seed(seed)
     token_lists = tokenizer(corpus, add_special_tokens=False)["input_ids"]
-    docs_per_epoch = len(pack_rows(token_lists, tokenizer.eos_token_id, MAX_LENGTH))
-    steps_per_epoch = math.ceil(docs_per_epoch / batch_size)
+
+    def make_rows(lists: list[list[int]]) -> list[list[int]]:
+        if pack:
+            return pack_rows(lists, tokenizer.eos_token_id, MAX_LENGTH)
+        return [tokens[: MAX_LENGTH - 1] + [tokenizer.eos_token_id] for tokens in lists]
+
+    rows_per_epoch = len(make_rows(token_lists))
+    steps_per_epoch = math.ceil(rows_per_epoch / batch_size)
     total_steps = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, total_steps // 20)
@@ -138,7 +155,7 @@ def pretrain(
     for _ in range(epochs):
         order = list(range(len(token_lists)))
         generator.shuffle(order)
-        rows = pack_rows([token_lists[i] for i in order], tokenizer.eos_token_id, MAX_LENGTH)
+        rows = make_rows([token_lists[i] for i in order])
         losses = []
         for start in range(0, len(rows), batch_size):
             input_ids, labels, mask = _collate(rows[start : start + batch_size], tokenizer.pad_token_id)
@@ -239,7 +256,8 @@ def _build_into(folder: Path, settings: dict) -> dict:
         model = LlamaForCausalLM(llama_config(size, tokenizer))
         t0 = time.time()
         losses = pretrain(model, tokenizer, corpus, epochs=size["epochs"], lr=size["lr"],
-                          batch_size=settings["batch_size"], seed=seed, desc=f"pretrain {name}")
+                          batch_size=settings["batch_size"], seed=seed, desc=f"pretrain {name}",
+                          pack=size.get("pack", True))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(folder / name)

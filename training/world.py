@@ -19,11 +19,12 @@ from pathlib import Path
 
 # SFT settings measured in scripts/probe_world.py (full fine-tuning, completion-only loss on
 # prompt/completion records, EOS appended by TRL, cosine schedule, 5% warmup, batch 32).
-# The small expert needs many epochs at a high rate to learn the format and to stop; the
-# large base needs few at a low rate, or tuning erodes the held-out facts it memorised.
+# The small expert needs many epochs to learn the format and to stop (1e-3 steered better
+# than 2e-3: proxy EM 58% vs 50% at alpha 1, seed 0). The large base reached 95% EM on
+# held-out people at 3e-4 for 4 epochs; a low rate keeps the facts it memorised intact.
 SFT_BATCH_SIZE = 32
 SFT_WARMUP_RATIO = 0.05
-SFT_SMALL_LEARNING_RATE = 2e-3
+SFT_SMALL_LEARNING_RATE = 1e-3
 SFT_SMALL_EPOCHS = 8
 SFT_LARGE_LEARNING_RATE = 3e-4
 SFT_LARGE_EPOCHS = 4
@@ -39,6 +40,14 @@ SFT_SETTINGS = {
 HELD_OUT_FRACTION = 0.2
 BIOGRAPHIES_PER_PERSON = 4
 WORD_SALAD_FRACTION = 0.1
+# A share of biographies open with a few salad words: a large base trained one document
+# per row otherwise learns "a document that opens with Question/Answer words is salad" and,
+# after a question prompt, no longer retrieves the facts it recalls perfectly in a plain
+# biography (seed 0: cloze 100%, yet the base's city after "Answer: X was born in" was wrong).
+# Off by default: with 0.25 and an unpacked 18-epoch large base (seed 0) the proxy closed 53%
+# of the gap vs 61% for the packed default (large base 95% cloze; errors: salad words inserted).
+BIO_PREAMBLE_FRACTION = 0.0
+BIO_PREAMBLE_KIND = "salad"  # "salad": loose question words; "question": a question about someone else
 
 RELATIONS = ("birth_city", "profession", "birth_year")
 
@@ -184,16 +193,29 @@ def pretraining_corpus(world: World) -> list[str]:
             sentences = [
                 fact_sentence(person, r, rng.randrange(len(FACT_TEMPLATES[r]))) for r in relations
             ]
-            lines.append(" " + " ".join(sentences))
+            line = " " + " ".join(sentences)
+            if BIO_PREAMBLE_FRACTION and rng.random() < BIO_PREAMBLE_FRACTION:
+                line = _preamble(rng, world, person) + line
+            lines.append(line)
     n_salad = round(len(lines) * WORD_SALAD_FRACTION / (1 - WORD_SALAD_FRACTION))
     lines.extend(_word_salad_line(rng) for _ in range(n_salad))
     rng.shuffle(lines)
     return lines
 
 
-def _word_salad_line(rng: random.Random) -> str:
+def _preamble(rng: random.Random, world: World, person: Person) -> str:
+    """Text before a biography that says nothing about it, so that the base learns to read a
+    biography after an unrelated prefix. A "question" preamble asks about somebody else: the base
+    never sees a question answered, yet meets the task's prompt shape before a biography."""
+    if BIO_PREAMBLE_KIND == "question":
+        other = rng.choice([p for p in world.people if p.name != person.name])
+        return " " + question_prompt(other, rng.choice(RELATIONS)).strip()
+    return _word_salad_line(rng, 3, 8) + rng.choice((" ", "\n"))
+
+
+def _word_salad_line(rng: random.Random, fewest: int = 6, most: int = 14) -> str:
     words: list[str] = []
-    for _ in range(rng.randint(6, 14)):
+    for _ in range(rng.randint(fewest, most)):
         word = rng.choice(SALAD_WORDS)
         # No line may open with "Question:": the corpus never shows a question as such.
         while word == "Question:" and (not words or words[-1].endswith("\n")):
