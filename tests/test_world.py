@@ -40,13 +40,17 @@ def test_held_out_people_never_appear_in_train_split(world):
     assert not any(f" {name} " in train_text or f" {name}." in train_text for name in test_people)
 
 
-def test_corpus_has_no_questions_but_knows_every_fact(world):
+def test_corpus_never_answers_a_question_but_knows_every_fact(world):
     corpus = world_lib.pretraining_corpus(world)
     assert all(line.startswith(" ") for line in corpus)
-    assert not any(part.lstrip().startswith("Question:") for line in corpus for part in line.split("\n"))
-    prompts = {r["prompt"] for split in ("train", "test") for r in world_lib.qa_records(world, split)}
-    text = "\n".join(corpus)
-    assert not any(prompt in text for prompt in prompts)
+    names = [p.name for p in world.people]
+    with_question = [line for line in corpus if line.startswith(" Question: ") and "?\nAnswer: " in line]
+    assert with_question, "a share of biographies follows a question (the prompt shape, never answered)"
+    for line in with_question:
+        question, _, biography = line.partition("\nAnswer:")
+        asked = {n for n in names if f" {n} " in question or f" {n}?" in question}
+        told = {n for n in names if f" {n} " in biography}
+        assert asked and told and not asked & told, line  # the biography is always somebody else's
     # Held-out people's facts are in pretraining, which is what the large base can learn.
     for person in world.people_in("test")[:20]:
         for relation in world_lib.RELATIONS:

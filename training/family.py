@@ -187,7 +187,8 @@ def _collate(rows: list[list[int]], pad_id: int):
 
 
 def family_settings(seed: int, scale: str) -> dict:
-    return {"seed": seed, "scale": scale, **SCALES[scale], "max_length": MAX_LENGTH}
+    return {"seed": seed, "scale": scale, **SCALES[scale], "max_length": MAX_LENGTH,
+            "corpus": world_lib.corpus_settings()}
 
 
 def family_paths(out_dir: Path) -> dict[str, Path]:

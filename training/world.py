@@ -46,8 +46,12 @@ WORD_SALAD_FRACTION = 0.1
 # biography (seed 0: cloze 100%, yet the base's city after "Answer: X was born in" was wrong).
 # Off by default: with 0.25 and an unpacked 18-epoch large base (seed 0) the proxy closed 53%
 # of the gap vs 61% for the packed default (large base 95% cloze; errors: salad words inserted).
-BIO_PREAMBLE_FRACTION = 0.0
-BIO_PREAMBLE_KIND = "salad"  # "salad": loose question words; "question": a question about someone else
+# A quarter of the biographies follow a question about somebody else: the large base learns to read a
+# biography after the task's prompt shape without ever seeing a question answered. Measured (seed 0,
+# 600 held-out questions, proxy at alpha 1): 61% of the gap closed without preambles, 74% with these;
+# loose salad words as preamble leaked into answers (53%), and unpacked pretraining collapsed (2-14%).
+BIO_PREAMBLE_FRACTION = 0.25
+BIO_PREAMBLE_KIND = "question"  # "salad": loose question words; "question": a question about someone else
 
 RELATIONS = ("birth_city", "profession", "birth_year")
 
@@ -176,6 +180,12 @@ def answer_sentence(person: Person, relation: str) -> str:
 def question_prompt(person: Person, relation: str) -> str:
     question = QUESTION_TEMPLATES[relation].format(name=person.name)
     return PROMPT_FORMAT.format(question=question)
+
+
+def corpus_settings() -> dict:
+    """What shapes the pretraining text beyond the seed: part of the family's cache key."""
+    return {"biographies_per_person": BIOGRAPHIES_PER_PERSON, "word_salad_fraction": WORD_SALAD_FRACTION,
+            "bio_preamble_fraction": BIO_PREAMBLE_FRACTION, "bio_preamble_kind": BIO_PREAMBLE_KIND}
 
 
 def pretraining_corpus(world: World) -> list[str]:
