@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 from eval import metrics as M
 from proxy.errors import UserError, exit_on_user_error
 from proxy.io import atomic_write_json, write_jsonl
-from proxy.jobs import finished_result, hydra_output_dir, mark_finished
+from proxy.jobs import hydra_output_dir, mark_finished, skip_if_finished
 from proxy.run import build_engine, generation_settings
 from proxy.tracking import tracked
 from training.tasks import get_field, load_records, load_task, to_example
@@ -72,9 +72,8 @@ def score_multiple_choice(engine, task, records):
 
 def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     out_dir = out_dir or hydra_output_dir()
-    done = finished_result(out_dir, cfg)
+    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / METRICS_FILE))
     if done is not None:
-        print(f"already done, skipping: {Path(out_dir) / METRICS_FILE}")
         return done
     if cfg.get("model"):
         with open_dict(cfg):

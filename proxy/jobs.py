@@ -46,6 +46,14 @@ def finished_result(out_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | No
     return saved["metrics"] if saved.get("config_hash") == config_hash(cfg) else None
 
 
+def skip_if_finished(out_dir: str | Path, cfg: DictConfig, what: str) -> dict[str, Any] | None:
+    """The saved result of this job if it already finished with this config (and say so), else None."""
+    done = finished_result(out_dir, cfg)
+    if done is not None:
+        print(f"already done, skipping: {what}")
+    return done
+
+
 def mark_finished(out_dir: str | Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     atomic_write_json(Path(out_dir) / RESULT_FILE, {"config_hash": config_hash(cfg), "metrics": metrics})
 

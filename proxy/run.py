@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, check_alpha
 from proxy.errors import UserError, exit_on_user_error
 from proxy.io import read_jsonl, write_jsonl
-from proxy.jobs import finished_result, hydra_output_dir, mark_finished
+from proxy.jobs import hydra_output_dir, mark_finished, skip_if_finished
 from proxy.loading import PRESET_DIR, load_model, load_tokenizer, resolve_spec
 
 
@@ -127,9 +127,8 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     """Decode the prompts; write generations.jsonl into out_dir; return the run's metrics."""
     out_dir = out_dir or hydra_output_dir()
-    done = finished_result(out_dir, cfg)
+    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / "generations.jsonl"))
     if done is not None:
-        print(f"already done, skipping: {Path(out_dir) / 'generations.jsonl'}")
         return done
     if not cfg.get("expert"):
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from proxy.errors import UserError
-from proxy.jobs import config_hash, finished_result, mark_finished
+from proxy.jobs import config_hash, mark_finished, skip_if_finished
 from proxy.loading import ModelSpec, check_spec, load_model, load_tokenizer, resolve_spec
 from proxy.tracking import tracked
 from proxy.vocab import tokenizer_fingerprint
@@ -173,9 +173,8 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
     spec = model_spec(cfg)
     name = cfg.get("name") or default_name(cfg, algorithm)
     out = job_dir(cfg, name)
-    done = finished_result(out, cfg)
+    done = skip_if_finished(out, cfg, str(out / "model"))
     if done is not None:
-        print(f"already trained, skipping: {done['path']}")
         return done
     examples = tasks_lib.examples(task, algorithm)
     lora = peft_config(cfg)
