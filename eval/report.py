@@ -99,7 +99,7 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"{'':<14} {'model':<34} {'alpha':>5} {metric:>12} {'gap closed':>10} {'changed':>8}"]
+    lines = [f"{'':<14} {'model':<46} {'alpha':>5} {metric:>12} {'gap closed':>10} {'changed':>8}"]
     for r in rows:
         name = r["model"] if r["kind"] != "proxy" else f"{Path(str(r['model'])).name} + {Path(str(r['expert'])).name}"
         if r.get("variant"):
@@ -107,7 +107,7 @@ def format_table(rows: list[dict[str, Any]], metric: str) -> str:
         gap = f"{r['gap_closed'] * 100:.0f}%" if r.get("gap_closed") is not None else ""
         changed = f"{r['changed_share'] * 100:.1f}%" if r.get("changed_share") is not None else ""
         alpha = f"{r['alpha']:g}" if "alpha" in r else ""
-        lines.append(f"{r['kind']:<14} {name[-34:]:<34} {alpha:>5} {r[metric] * 100:>11.1f}% {gap:>10} {changed:>8}")
+        lines.append(f"{r['kind']:<14} {name[-46:]:<46} {alpha:>5} {r[metric] * 100:>11.1f}% {gap:>10} {changed:>8}")
     return "\n".join(lines)
 
 
@@ -118,7 +118,7 @@ def plot_alpha(rows: list[dict[str, Any]], metric: str, path: Path, title: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     experts: dict[str, list] = {}
     for r in rows:
         if r["kind"] == "proxy":
@@ -129,11 +129,11 @@ def plot_alpha(rows: list[dict[str, Any]], metric: str, path: Path, title: str =
         ax.plot([a for a, _ in points], [s for _, s in points], marker="o", label=f"proxy: {label}")
     for r, style in ((r, s) for r in rows for k, s in (("large tuned", "--"), ("large base", ":"), ("small expert", "-."))
                      if r["kind"] == k):
-        ax.axhline(r[metric], linestyle=style, color="gray", label=r["kind"])
+        ax.axhline(r[metric], linestyle=style, color="gray", label=f"{r['kind']}: {Path(str(r['model'])).name}")
     ax.set_xlabel("alpha")
     ax.set_ylabel(metric)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
