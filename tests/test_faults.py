@@ -104,19 +104,25 @@ def job_folders(sweep: Path) -> dict[float, Path]:
             for d in sweep.iterdir() if (d / ".hydra" / "config.yaml").exists()}
 
 
+def kill_once(module_and_args, env, ready, limit=240):
+    """Start `python -m <module> <args>`; SIGKILL its whole process group as soon as `ready()` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", *module_and_args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + limit
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return proc
+
+
 @pytest.mark.slow
 def test_sweep_killed_halfway_resumes_with_the_unfinished_job(tiny_family, proxy_args, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "proxy.alpha=0,1", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
             f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.run", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while proc.poll() is None and not list(sweep.glob("*/result.json")) and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once(["proxy.run", *args], env, lambda: list(sweep.glob("*/result.json")))
     finished = sorted(p.parent.name for p in sweep.glob("*/result.json"))
     assert len(finished) >= 1
 
@@ -148,13 +154,7 @@ def test_training_killed_after_a_checkpoint_resumes_from_it(tiny_family, tmp_pat
             "training.gradient_accumulation_steps=1", "logger=none", f"output_dir={job}",
             f"paths.outputs={tmp_path / 'outputs'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PROXY_REGISTRY": str(tmp_path / "registry.json")}
-    proc = subprocess.Popen([sys.executable, "-m", "training.sft", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while proc.poll() is None and not list(job.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = kill_once(["training.sft", *args], env, lambda: list(job.glob("checkpoint-*/trainer_state.json")))
     assert proc.returncode == -signal.SIGKILL and list(job.glob("checkpoint-*"))
 
     rerun = entry("training.sft", *args, env={"PROXY_REGISTRY": str(tmp_path / "registry.json")})
