@@ -217,7 +217,8 @@ class ProxyEngine:
     A model passed in more than one role with the same rendering runs once per step.
     """
 
-    def __init__(self, base, tokenizer, pairs: Sequence[SteeringPair] = (), tokenizers: dict | None = None):
+    def __init__(self, base, tokenizer, pairs: Sequence[SteeringPair] = (), tokenizers: dict | None = None,
+                 parallel: bool = False):
         self.base = base
         self.tokenizer = tokenizer
         self.pairs = list(pairs)
@@ -238,6 +239,25 @@ class ProxyEngine:
         # a format is rendered by the tokenizer of the expert that reads it (a chat template is the expert's)
         self.renderers = {p.expert_format: p.tokenizer for p in self.pairs if p.expert_format and p.tokenizer}
         self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
+        self.parallel = parallel and bool(self.pairs)  # the small models in a second process (proxy.parallel)
+        self._worker = None
+
+    def _small_model_worker(self, streams, base_key):
+        """The forked process that runs every stream but the base's, started at the first batch."""
+        if self._worker is None:
+            from proxy.parallel import ParallelStreams
+
+            self._worker = ParallelStreams({k: m for k, m in streams.items() if k != base_key}, self.vocab_size)
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the small-model worker, if one was started (also when __init__ failed half-way)."""
+        if getattr(self, "_worker", None) is not None:
+            self._worker.close()
+            self._worker = None
+
+    def __del__(self):
+        self.close()
 
     def stop_criteria(self, stop: Sequence[str]) -> StopStringCriteria | None:
         """transformers' stop-string matcher, built once per set of strings (it embeds the whole vocabulary)."""
@@ -319,12 +339,14 @@ class ProxyEngine:
         streams, base_key, pair_keys = self._stream_plan()
         encoded = {key: [self.encode(p, key[1]) for p in prompts] for key in streams}
         self._check_lengths(streams, encoded, prompts, settings.max_new_tokens)
-        runners = {key: ModelStream(model) for key, model in streams.items()}
-        logits = {}
+        worker = self._small_model_worker(streams, base_key) if self.parallel else None
+        local = {base_key: streams[base_key]} if worker else streams
+        runners = {key: ModelStream(model) for key, model in local.items()}
+        padded = {key: left_pad(encoded[key], self.pad_id) for key in streams}
+        logits = worker.prefill(padded) if worker else {}
         for key, runner in runners.items():
-            ids, mask = left_pad(encoded[key], self.pad_id)
-            logits[key] = runner.prefill(ids, mask)
-        base_ids, _ = left_pad(encoded[base_key], self.pad_id)
+            logits[key] = runner.prefill(*padded[key])
+        base_ids = padded[base_key][0]
         prompt_width = base_ids.shape[1]
         seq = base_ids.to(self.device)
 
@@ -364,7 +386,11 @@ class ProxyEngine:
             if not unfinished.any():
                 break
             stats.row_forwards += int(unfinished.sum())
+            if worker:
+                worker.submit(next_tokens)  # the small models step while the base does
             logits = {key: runner.step(next_tokens) for key, runner in runners.items()}
+            if worker:
+                logits.update(worker.collect())
 
         for key, runner in runners.items():
             name = "base" if key == base_key else f"stream{list(runners).index(key)}"

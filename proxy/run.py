@@ -114,8 +114,9 @@ def build_engine(cfg: DictConfig) -> tuple[ProxyEngine, list[ResolvedPair]]:
     if k is not None and steering:
         from proxy.speculative import SpeculativeProxyEngine
 
-        return SpeculativeProxyEngine(base, tokenizer, steering, tokenizers=tokenizers, k=k), pairs
-    return ProxyEngine(base, tokenizer, steering, tokenizers=tokenizers), pairs
+        return SpeculativeProxyEngine(base, tokenizer, steering, tokenizers=tokenizers, k=k,
+                                      parallel=bool(cfg.proxy.get("parallel"))), pairs
+    return ProxyEngine(base, tokenizer, steering, tokenizers=tokenizers, parallel=bool(cfg.proxy.get("parallel"))), pairs
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:

@@ -75,6 +75,8 @@ class SpeculativeProxyEngine(ProxyEngine):
         super().__init__(*args, **kwargs)
         if not self.pairs:
             raise UserError("speculative decoding drafts with an expert: give at least one expert")
+        if self.parallel:
+            raise UserError("proxy.parallel and proxy.speculative.k do not combine yet; choose one")
         self.k_setting = k
         DraftLength(k)  # validate now, not at the first batch
 

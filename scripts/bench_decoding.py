@@ -184,19 +184,24 @@ def main() -> None:
 
     # workload 1 (issue 2): fixed-length continuations, the plain engine against the base and the naive loop
     plain = ProxyEngine(base, tok, pair)
+    parallel = ProxyEngine(base, tok, pair, parallel=True)
     for batch in args.batch:
         settings = GenerationSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, batch_size=batch)
         configs = {"base_generate": lambda: base_generate(base, tok, prompts, settings),
-                   "proxy": lambda: engine_run(plain, prompts, settings)}
+                   "proxy": lambda: engine_run(plain, prompts, settings),
+                   "proxy_parallel": lambda: engine_run(parallel, prompts, settings)}
         if not args.skip_naive and batch == max(args.batch):
             configs["naive_loop"] = lambda: sum(
                 naive_proxy((base, expert, anti), tok, prompts[i : i + batch], args.alpha, args.new_tokens).shape[0]
                 * args.new_tokens for i in range(0, len(prompts), batch))
         print(f"\n[fixed length] {len(prompts)} prompts, {args.new_tokens} new tokens each, batch {batch}")
-        rows = record("fixed_length", batch, time_configs(configs, args.repeats), {"proxy": plain})
+        rows = record("fixed_length", batch, time_configs(configs, args.repeats),
+                      {"proxy": plain, "proxy_parallel": parallel})
         show(rows)
         proxy_t = next(e["seconds"] for e in rows if e["name"] == "proxy")
-        print(f"proxy engine / base alone = {rows[1]['ratio_to_base']:.2f}x; bound 1 + 2 x FLOPs ratio + 0.3 = {bound:.2f}x")
+        for e in rows[1:3]:
+            print(f"{e['name']} / base alone = {e['ratio_to_base']:.2f}x; "
+                  f"bound 1 + 2 x FLOPs ratio + 0.3 = {bound:.2f}x")
         for e in rows:
             if e["name"] == "naive_loop":
                 print(f"proxy engine is {e['seconds'] / proxy_t:.1f}x faster than the naive loop")
@@ -204,7 +209,7 @@ def main() -> None:
     # workload 2 (issue 5): the task's prompts with natural stopping, speculative and shared-pair variants
     for batch in args.batch:
         settings = GenerationSettings(max_new_tokens=args.qa_tokens, batch_size=batch, stop=["\n"])
-        engines = {"proxy": plain}
+        engines = {"proxy": plain, "proxy_parallel": parallel}
         engines.update({f"speculative_k{k}": SpeculativeProxyEngine(base, tok, pair, k=k) for k in (2, 4, 6, "auto")})
         if args.lora:
             from proxy.shared_pair import load_shared_pair
@@ -234,6 +239,7 @@ def main() -> None:
         plain_ratio = 1 + 2 / r_real
         spec = 1 / expected_speedup(a, 4, r_real, 1.1)
         print(f"  {label}: plain proxy {plain_ratio:.2f}x the base's time; speculative {spec:.2f}x")
+    parallel.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"flops_ratio": flops_ratio, "bound": bound, "results": results}, indent=2))

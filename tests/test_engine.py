@@ -214,3 +214,22 @@ def test_chat_format_uses_the_expert_tokenizer_template(models, prompts):
     rendered = eng.encode(prompts[0], "chat")
     assert rendered == models["tok"](f"<|user|> {prompts[0]}\n<|assistant|>", add_special_tokens=False)["input_ids"]
     assert eng.generate(prompts[:1], GREEDY)[0].token_ids
+
+
+def test_small_models_in_a_second_process_give_the_same_tokens(models, prompts):
+    from proxy.parallel import parallel_available
+
+    if not parallel_available():
+        pytest.skip("needs a second core and fork")
+    sequential = engine(models, alpha=1.0)
+    parallel = ProxyEngine(models["large"], models["tok"], [SteeringPair(models["expert"], models["small"], 1.0)],
+                           parallel=True)
+    try:
+        for settings in (GREEDY, GenerationSettings(max_new_tokens=12, batch_size=3, stop=["e"])):
+            want = sequential.generate(prompts, settings, diagnostics=True)
+            got = parallel.generate(prompts, settings, diagnostics=True)
+            assert [(g.token_ids, g.finish_reason) for g in got] == [(g.token_ids, g.finish_reason) for g in want]
+            assert parallel.last_stats.changed_share == sequential.last_stats.changed_share
+    finally:
+        parallel.close()
+    assert parallel._worker is None
