@@ -51,19 +51,13 @@ def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) 
         data = OmegaConf.to_container(OmegaConf.load(preset), resolve=True)
         data = {k: v for k, v in data.items() if k in {f.name for f in fields(ModelSpec)}}
         spec = ModelSpec(**data)
-    elif not Path(name_or_path).expanduser().exists() and _registered_path(name_or_path):
-        spec = ModelSpec(path=_registered_path(name_or_path))
+    elif not Path(name_or_path).expanduser().exists():
+        from training.registry import resolve
+
+        spec = ModelSpec(path=resolve(name_or_path)[0])  # a registered name becomes its folder; else as given
     else:
         spec = ModelSpec(path=name_or_path)
     return spec.with_overrides(overrides)
-
-
-def _registered_path(name: str) -> str | None:
-    from training.registry import entries, resolve
-
-    if name not in entries():
-        return None
-    return resolve(name)[0]
 
 
 def looks_local(path: str) -> bool:

@@ -123,6 +123,8 @@ class SpeculativeProxyEngine(ProxyEngine):
 
         def warp(scores: torch.Tensor, offset: int) -> torch.Tensor:
             """Processors over (B, n, V) scores at positions offset.. offset+n-1 after each row's last token."""
+            if not processors:  # greedy without constraints: nothing to apply, no widths to build
+                return scores
             b, n, v = scores.shape
             return apply_processors(processors, scores.reshape(b * n, v), widths(offset, n)).reshape(b, n, v)
 

@@ -135,10 +135,6 @@ def resolve(name_or_path: str) -> tuple[str, Card | None]:
     return card.path, card
 
 
-def is_registered_name(name: str) -> bool:
-    return name in entries()
-
-
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
