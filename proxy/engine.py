@@ -132,6 +132,7 @@ class ModelStream:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.next_pos: torch.Tensor | None = None
+        self.dense = False  # no padding and no holes: the model's own causal mask is the right one
         self.forwards = 0
 
     @torch.inference_mode()
@@ -148,6 +149,7 @@ class ModelStream:
             logits_to_keep=last,
         )
         self.next_pos = self.mask.sum(-1, keepdim=True)
+        self.dense = bool(self.mask.all())
         self.forwards += 1
         return out.logits[:, -1] if last == 1 else out.logits[:, -last:]
 
@@ -160,7 +162,7 @@ class ModelStream:
         positions = self.next_pos + torch.arange(n, device=self.device)
         out = self.model(
             input_ids=tokens,
-            attention_mask=self.mask,
+            attention_mask=None if self.dense else self.mask,  # None spares building a mask per forward
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
@@ -189,6 +191,7 @@ class ModelStream:
         if drop > 0:
             self.cache.crop(-drop)
             self.mask = self.mask[:, :-drop]
+        self.dense = self.dense and bool(self.mask.all())
 
 
 def logits_processors(settings: GenerationSettings, prompt_width: int, eos_id: int | None) -> LogitsProcessorList:

@@ -103,8 +103,9 @@ def build_engine(cfg: DictConfig) -> tuple[ProxyEngine, list[ResolvedPair]]:
     steering = []
     for i, p in enumerate(pairs):
         if shared and i == 0:
-            from proxy.shared_pair import load_shared_pair
+            from proxy.shared_pair import adapter_tokenizer, load_shared_pair
 
+            tokenizers[f"expert '{p.name}' (shared pair)"] = adapter_tokenizer(p.expert)
             pair_model = load_shared_pair(p.expert)
             steering.append(SteeringPair(pair_model, pair_model, p.alpha, p.expert_format, p.name, shared=True))
         else:

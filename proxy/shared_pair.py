@@ -8,6 +8,8 @@ logits at every drafted position, so the anti-expert needs no verify forward at 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -47,10 +49,30 @@ class SharedLoraPair(torch.nn.Module):
         return SimpleNamespace(logits=torch.cat([out.logits[:rows], out.logits[rows:]], dim=-1))
 
 
+def check_adapter_folder(adapter_path: str) -> Path:
+    folder = Path(adapter_path)
+    if folder.is_dir() and not (folder / "adapter_config.json").exists():
+        raise UserError(f"'{adapter_path}' holds no LoRA adapter (adapter_config.json); proxy.shared_pair needs an "
+                        "expert trained with peft=lora and training.merge=false")
+    return folder
+
+
 def load_shared_pair(adapter_path: str, **load_kwargs) -> SharedLoraPair:
     """Load an unmerged LoRA checkpoint folder (adapter_config.json beside the adapter) as a shared pair."""
     from peft import AutoPeftModelForCausalLM
 
+    check_adapter_folder(adapter_path)
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_path, **load_kwargs).eval()
     model.requires_grad_(False)
     return SharedLoraPair(model)
+
+
+def adapter_tokenizer(adapter_path: str):
+    """The tokenizer saved beside the adapter, else that of the model the adapter was trained on."""
+    from proxy.loading import load_tokenizer
+
+    folder = check_adapter_folder(adapter_path)
+    if folder.is_dir() and not any((folder / name).exists()
+                                   for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return load_tokenizer(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return load_tokenizer(adapter_path)

@@ -48,7 +48,8 @@ def apply_processors(processors: LogitsProcessorList, scores: torch.Tensor, widt
 
 class DraftLength:
     """k fixed, or `auto`: the k that maximises expected tokens per unit of cost, from the measured
-    acceptance probability and the measured cost of a draft forward relative to a verify forward."""
+    acceptance probability and the measured cost of one draft forward relative to the rest of a round
+    (the verify forwards and the acceptance bookkeeping)."""
 
     def __init__(self, k: int | str):
         self.auto = str(k) == "auto"
@@ -56,14 +57,14 @@ class DraftLength:
         if not 1 <= self.k <= K_MAX:
             raise UserError(f"proxy.speculative.k must be between 1 and {K_MAX}, or auto; got {k}")
         self.accept = 0.6  # running per-draft acceptance probability
-        self.draft_cost = 0.3  # running draft-forward time / verify-forward time
+        self.draft_cost = 0.3  # running draft-forward time / time of the rest of a round
 
-    def update(self, accepted: float, drafted: float, t_draft: float, t_verify: float) -> None:
+    def update(self, accepted: float, drafted: float, t_draft: float, t_rest: float) -> None:
         if not self.auto or drafted == 0:
             return
         self.accept = 0.7 * self.accept + 0.3 * min(accepted / drafted, 0.99)
-        if t_verify > 0:
-            self.draft_cost = 0.7 * self.draft_cost + 0.3 * (t_draft / t_verify)
+        if t_rest > 0:
+            self.draft_cost = 0.7 * self.draft_cost + 0.3 * (t_draft / t_rest)
         a, c = self.accept, self.draft_cost
         self.k = max(range(1, K_MAX + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (k * c + 1))
 
@@ -77,8 +78,23 @@ class SpeculativeProxyEngine(ProxyEngine):
             raise UserError("speculative decoding drafts with an expert: give at least one expert")
         if self.parallel:
             raise UserError("proxy.parallel and proxy.speculative.k do not combine yet; choose one")
-        self.k_setting = k
-        DraftLength(k)  # validate now, not at the first batch
+        # k and, for `auto`, what it has measured carry over from batch to batch and call to call
+        self.draft_length = DraftLength(k)
+        self._terminal_ids: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def terminal_ids(self, stop) -> torch.Tensor:
+        """Tokens that end a row on their own: EOS, and every token whose text contains a stop string.
+
+        Drafting stops once every row has drafted one: later drafts could never be kept. (Only an
+        economy: whether a row has finished is still decided by the stopping criteria.)"""
+        key = tuple(stop)
+        if key not in self._terminal_ids:
+            ids = [] if self.eos_id is None else [self.eos_id]
+            if stop:
+                texts = self.tokenizer.batch_decode([[i] for i in range(self.vocab_size)])
+                ids += [i for i, t in enumerate(texts) if any(s in t for s in stop)]
+            self._terminal_ids[key] = torch.tensor(sorted(set(ids)), dtype=torch.long, device=self.device)
+        return self._terminal_ids[key]
 
     def _generate_batch(self, prompts, settings: GenerationSettings, diagnostics, generator, stats):
         if diagnostics:
@@ -137,21 +153,28 @@ class SpeculativeProxyEngine(ProxyEngine):
         # The first round has no pending token: the expert drafts from the prompt, and the other models
         # read the prompt and the drafts in one forward (their prefill is the first verification).
         pending = None
-        draft_len = DraftLength(self.k_setting)
+        draft_len = self.draft_length
+        terminal = self.terminal_ids(settings.stop)
+        pad = torch.full((batch,), self.pad_id, dtype=torch.long, device=dev)
         while not all(finished):
-            k = draft_len.k
+            rows = [r for r in range(batch) if not finished[r]]
             active = torch.tensor([not f for f in finished], device=dev)
+            budget = max(settings.max_new_tokens - len(generated[r]) for r in rows)
             lead = 0 if pending is None else 1  # tokens fed before the drafts: the pending one
 
             t0 = time.perf_counter()
             draft_logits, drafts = [], []
-            lg = drafter_prompt_logits if pending is None else drafter.step(
-                torch.where(active, pending, torch.full_like(pending, self.pad_id)))
-            for j in range(k):
+            ended = ~active  # rows for which no further draft could be kept
+            lg = drafter_prompt_logits if pending is None else drafter.step(torch.where(active, pending, pad))
+            for j in range(min(draft_len.k, budget)):
                 if j:
                     lg = drafter.step(drafts[-1])
                 draft_logits.append(lg)
                 drafts.append(pick(warp(lg[:, None, : self.vocab_size].float(), j)[:, 0]))
+                ended |= torch.isin(drafts[-1], terminal)
+                if bool(ended.all()):
+                    break
+            k = len(drafts)
             t1 = time.perf_counter()
             drafted = torch.stack(drafts, 1)  # (B, k)
             if pending is None:
@@ -161,7 +184,6 @@ class SpeculativeProxyEngine(ProxyEngine):
             else:
                 fed = torch.cat([pending[:, None], drafted], 1)  # (B, k+1)
                 verify = {key: r.feed(fed) for key, r in runners.items() if key != draft_key}
-            t2 = time.perf_counter()
 
             scores = self._combine_at(verify, draft_key, torch.stack(draft_logits, 1), base_key, pair_keys)
             p = warp(scores, 0)  # (B, k, V) proxy scores at the drafted positions
@@ -172,35 +194,41 @@ class SpeculativeProxyEngine(ProxyEngine):
                 proxy_top = p.argmax(-1)
                 n_acc = (proxy_top == drafted).long().cumprod(1).sum(1)  # (B,)
                 fix = proxy_top.gather(1, n_acc.clamp_max(k - 1)[:, None]).squeeze(1)
-            all_in = (n_acc == k) & active
+
+            n_list = n_acc.tolist()
+            before = {r: len(generated[r]) for r in rows}
+            for r in rows:
+                commit(r, drafted[r, : n_list[r]].tolist())
             drafter_fed = k - 1 + lead  # the pending token and the drafts but the last
-            if all_in.any():  # the bonus token needs the expert's logits after the last draft
+            # a row that kept every draft and goes on takes a bonus token, which needs the expert's
+            # logits after the last draft; a row that ended inside its drafts needs none
+            all_in = (n_acc == k) & torch.tensor([not f for f in finished], device=dev)
+            if all_in.any():
                 bonus_expert = drafter.step(drafted[:, -1])
                 drafter_fed += 1
                 bonus_scores = self._combine_at(
                     {key: lg[:, k:] for key, lg in verify.items()}, draft_key, bonus_expert[:, None], base_key,
                     pair_keys,
                 )
-                bonus = pick(warp(bonus_scores, k)[:, 0])
-                fix = torch.where(all_in, bonus, fix)
-
-            n_list = n_acc.tolist()
-            for row in range(batch):
-                if not finished[row]:
-                    before = len(generated[row])
-                    commit(row, drafted[row, : n_list[row]].tolist() + [int(fix[row])])
-                    stats.new_tokens += len(generated[row]) - before
+                fix = torch.where(all_in, pick(warp(bonus_scores, k)[:, 0]), fix)
+            fix_list = fix.tolist()
+            for r in rows:
+                if not finished[r]:
+                    commit(r, [fix_list[r]])
+                stats.new_tokens += len(generated[r]) - before[r]
             keep = n_acc + lead
             for key, runner in runners.items():
-                runner.keep(drafter_fed if key == draft_key else k + lead, keep)
+                if key == draft_key:  # a finished row that kept every draft never fed the last one
+                    runner.keep(drafter_fed, keep.clamp_max(drafter_fed))
+                else:
+                    runner.keep(k + lead, keep)
             pending = fix
 
-            rows_active = int(active.sum())
             stats.steps += 1
-            stats.row_forwards += rows_active
-            stats.drafted += k * rows_active
-            stats.accepted += int(n_acc[active].sum())
-            draft_len.update(float(n_acc[active].sum()), k * rows_active, (t1 - t0) / k, t2 - t1)
+            stats.row_forwards += len(rows)
+            stats.drafted += k * len(rows)
+            stats.accepted += sum(n_list[r] for r in rows)
+            draft_len.update(sum(n_list[r] for r in rows), k * len(rows), (t1 - t0) / k, time.perf_counter() - t1)
 
         for key, runner in runners.items():
             name = "base" if key == base_key else f"stream{list(runners).index(key)}"

@@ -1,5 +1,6 @@
 """Decoding benchmark: the base alone, the proxy engine, the naive loop, speculative proxy decoding and
-the shared-weight LoRA pair, timed side by side in one process on the same prompts.
+the shared-weight LoRA pair, timed side by side in one process on the same prompts; then the same on a
+deepened base (block expansion: the same tokens, a base that dominates the cost, r >= 4).
 
     make bench                                   # the embedded family (built by `make demo`) or a random one
     python -m scripts.bench_decoding --batch 1 8 --new-tokens 128 --repeats 3
@@ -10,6 +11,7 @@ JSON (path on the last line). Timing is for reading, never asserted: the machine
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -23,6 +25,32 @@ from proxy.loading import load_model, load_tokenizer
 from proxy.speculative import SpeculativeProxyEngine, expected_speedup
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+def expand_blocks(model, factor: int):
+    """The model deepened `factor` times by block expansion (LLaMA Pro, Wu et al. 2024): after each
+    layer, factor - 1 copies of it whose output projections (attention `o_proj`, MLP `down_proj`) are
+    zero, so each adds nothing to the residual stream. The outputs are the model's own, exactly;
+    every forward still does the deeper model's full work. A cost stand-in for a base that dominates
+    the proxy's cost (r >= 4), with the embedded family's tokens and acceptance unchanged."""
+    config = copy.deepcopy(model.config)
+    layers = config.num_hidden_layers
+    config.num_hidden_layers = layers * factor
+    if getattr(config, "layer_types", None):
+        config.layer_types = [t for t in config.layer_types for _ in range(factor)]
+    deep = type(model)(config).to(dtype=model.dtype).eval()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".layers." not in name:
+            state[name] = tensor
+            continue
+        head, rest = name.split(".layers.", 1)
+        index, leaf = rest.split(".", 1)
+        for j in range(factor):
+            silent = j > 0 and leaf.endswith(("o_proj.weight", "down_proj.weight"))
+            state[f"{head}.layers.{int(index) * factor + j}.{leaf}"] = torch.zeros_like(tensor) if silent else tensor
+    deep.load_state_dict(state, strict=True)
+    return deep
 
 
 def forward_flops(model) -> int:
@@ -47,15 +75,21 @@ def naive_proxy(models, tok, prompts, alpha, new_tokens):
 
 @torch.inference_mode()
 def base_generate(model, tok, prompts, settings: GenerationSettings) -> int:
-    """The base alone through transformers' generate; returns the number of new tokens."""
+    """The base alone through transformers' generate, with the same stop strings as the engines;
+    returns the number of new tokens."""
     count = 0
+    stop = {"stop_strings": list(settings.stop), "tokenizer": tok} if settings.stop else {}
     for i in range(0, len(prompts), settings.batch_size):
         enc = tok(prompts[i : i + settings.batch_size], return_tensors="pt", padding=True, padding_side="left")
         out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **stop)
         new = out[:, enc["input_ids"].shape[1]:]
         for row in new.tolist():
-            count += row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            while row and row[-1] == tok.pad_token_id:  # a finished row is padded to the batch's length
+                row.pop()
+            count += len(row)
     return count
 
 
@@ -124,6 +158,8 @@ def main() -> None:
     parser.add_argument("--qa-tokens", type=int, default=32, help="cap for the task-prompt workload")
     parser.add_argument("--lora", default=None,
                         help="an unmerged LoRA expert folder (default: the demo's 'tiny-expert-lora'): the shared pair")
+    parser.add_argument("--deep-factor", type=int, default=4,
+                        help="the deep-base workload's base: the large model's layers times this (1: skip it)")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--out", default=str(PROJECT / "outputs" / "bench" / "decoding.json"))
     args = parser.parse_args()
@@ -206,31 +242,44 @@ def main() -> None:
             if e["name"] == "naive_loop":
                 print(f"proxy engine is {e['seconds'] / proxy_t:.1f}x faster than the naive loop")
 
-    # workload 2 (issue 5): the task's prompts with natural stopping, speculative and shared-pair variants
-    for batch in args.batch:
-        settings = GenerationSettings(max_new_tokens=args.qa_tokens, batch_size=batch, stop=["\n"])
-        engines = {"proxy": plain, "proxy_parallel": parallel}
-        engines.update({f"speculative_k{k}": SpeculativeProxyEngine(base, tok, pair, k=k) for k in (2, 4, 6, "auto")})
-        if args.lora:
-            from proxy.shared_pair import load_shared_pair
+    # workload 2 (issue 5): the task's prompts with natural stopping, speculative and shared-pair variants;
+    # workload 3: the same on a deepened base (block expansion: same tokens, r >= 4), where the base dominates
+    deep = expand_blocks(base, args.deep_factor) if args.deep_factor > 1 else None
+    for workload, big in (("task_prompts", base), ("deep_base", deep)):
+        if big is None:
+            continue
+        for batch in args.batch:
+            settings = GenerationSettings(max_new_tokens=args.qa_tokens, batch_size=batch, stop=["\n"])
+            engines = {"proxy": plain, "proxy_parallel": parallel} if big is base else {"proxy": ProxyEngine(big, tok, pair)}
+            engines.update({f"speculative_k{k}": SpeculativeProxyEngine(big, tok, pair, k=k) for k in (2, 4, 6, "auto")})
+            if args.lora and big is base:
+                from proxy.shared_pair import load_shared_pair
 
-            shared = load_shared_pair(args.lora)
-            shared_pair = [SteeringPair(shared, shared, args.alpha, shared=True)]
-            engines["shared_pair"] = ProxyEngine(base, tok, shared_pair)
-            engines["shared_pair_spec_k4"] = SpeculativeProxyEngine(base, tok, shared_pair, k=4)
-        configs = {"base_generate": lambda: base_generate(base, tok, task_prompts, settings)}
-        configs.update({name: (lambda e: lambda: engine_run(e, task_prompts, settings))(e)
-                        for name, e in engines.items()})
-        timed = time_configs(configs, args.repeats)
-        tb = forward_times(base, batch, 40, lengths=(1, 3, 5, 7))
-        te = forward_times(anti, batch, 40, lengths=(1,))
-        r = tb[1] / te[1]
-        verify = {n: tb[n] / tb[1] for n in tb}
-        print(f"\n[task prompts] {len(task_prompts)} prompts, up to {args.qa_tokens} new tokens, stop at newline, "
-              f"batch {batch}: one base forward "
-              f"{tb[1] * 1e3:.2f} ms, one small forward {te[1] * 1e3:.2f} ms, r = {r:.2f}; verifying n tokens / 1: "
-              + ", ".join(f"{n}: {verify[n]:.2f}" for n in (3, 5, 7)))
-        show(record("task_prompts", batch, timed, engines), r, verify)
+                shared = load_shared_pair(args.lora)
+                shared_pair = [SteeringPair(shared, shared, args.alpha, shared=True)]
+                engines["shared_pair"] = ProxyEngine(base, tok, shared_pair)
+                engines["shared_pair_spec_k4"] = SpeculativeProxyEngine(base, tok, shared_pair, k=4)
+            configs = {"base_generate": (lambda m: lambda: base_generate(m, tok, task_prompts, settings))(big)}
+            configs.update({name: (lambda e: lambda: engine_run(e, task_prompts, settings))(e)
+                            for name, e in engines.items()})
+            timed = time_configs(configs, args.repeats)
+            tb = forward_times(big, batch, 40, lengths=(1, 3, 5, 7))
+            te = forward_times(anti, batch, 40, lengths=(1,))
+            r = tb[1] / te[1]
+            verify = {n: tb[n] / tb[1] for n in tb}
+            label = "task prompts" if big is base else f"deep base: {big.config.num_hidden_layers} layers"
+            print(f"\n[{label}] {len(task_prompts)} prompts, up to {args.qa_tokens} new tokens, stop at newline, "
+                  f"batch {batch}: one base forward "
+                  f"{tb[1] * 1e3:.2f} ms, one small forward {te[1] * 1e3:.2f} ms, r = {r:.2f}; verifying n tokens / 1: "
+                  + ", ".join(f"{n}: {verify[n]:.2f}" for n in (3, 5, 7)))
+            rows = record(workload, batch, timed, engines)
+            for e in rows:
+                e["r"] = round(r, 2)
+            show(rows, r, verify)
+            best = min((e for e in rows if e["name"].startswith("speculative")), key=lambda e: e["ratio_to_base"])
+            plain_row = next(e for e in rows if e["name"] == "proxy")
+            print(f"{best['name']}: {plain_row['ratio_to_base'] / best['ratio_to_base']:.2f}x faster than the plain "
+                  f"proxy engine; {best['ratio_to_base']:.2f}x the base alone's time per token")
 
     # the same cost model for real sizes, where a forward's time follows the parameters (memory-bound decoding)
     a = next((e["acceptance_rate"] for e in results if e["name"] == "speculative_k4" and e["batch"] == min(args.batch)), 0.6)

@@ -65,6 +65,22 @@ def test_unknown_registered_name(proxy_args, tmp_path):
     assert_one_error_line(entry("training.registry", "show", "no-such-expert", env=env), "'no-such-expert'")
 
 
+def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_args, tmp_path):
+    """proxy.shared_pair: an adapter over a model with another tokenizer, and a merged (adapter-less) expert."""
+    from peft import LoraConfig, get_peft_model
+
+    from proxy.loading import load_model
+
+    adapter = tmp_path / "foreign_lora"
+    get_peft_model(load_model(tiny_family.foreign), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    proc = entry("proxy.run", *proxy_args, f"expert={adapter}", f"anti_expert={tiny_family.foreign}",
+                 "proxy.shared_pair=true")
+    assert_one_error_line(proc, "tokenizer", "does not match")
+    proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+                 "proxy.shared_pair=true")
+    assert_one_error_line(proc, "holds no LoRA adapter", "training.merge=false")
+
+
 @pytest.mark.parametrize("alpha", ["nan", "inf"])
 def test_non_finite_alpha(tiny_family, proxy_args, alpha):
     proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",

@@ -52,6 +52,22 @@ def test_stop_strings_and_min_new_tokens_match_the_plain_engine(models, prompts)
     assert want[row].finish_reason == "stop"
 
 
+def test_drafting_stops_where_no_draft_could_be_kept(models, prompts):
+    """A draft that ends the row (a stop string here) and the token budget both end the round's drafting."""
+    tok = models["tok"]
+    eng = SpeculativeProxyEngine(models["small"], tok, pair(models), k=8)  # base == anti: every draft accepted
+    free = eng.generate(prompts, GenerationSettings(max_new_tokens=24, batch_size=1))
+    row, at, stop = next((r, i, t) for r in range(len(free)) for i in range(1, 6)
+                         if "\ufffd" not in (t := tok.decode(free[r].token_ids[i : i + 1])) and t.strip()
+                         and t not in tok.decode(free[r].token_ids[:i]))
+    gen = eng.generate([prompts[row]], GenerationSettings(max_new_tokens=24, stop=[stop], batch_size=1))[0]
+    assert gen.finish_reason == "stop" and gen.token_ids == free[row].token_ids[: at + 1]
+    assert eng.last_stats.drafted == at + 1  # not the 8 a fixed k would draft
+    assert eng.terminal_ids([stop]).tolist().count(free[row].token_ids[at]) == 1
+    eng.generate([prompts[row]], GenerationSettings(max_new_tokens=3, batch_size=1))
+    assert eng.last_stats.drafted == 3 and eng.last_stats.new_tokens == 3
+
+
 @pytest.mark.slow
 def test_sampling_follows_the_proxy_distribution(models):
     """Two-token sequences sampled speculatively have the proxy's joint law (chi-square, fixed seed)."""
@@ -99,11 +115,11 @@ def test_k_is_validated_and_auto_adapts():
         DraftLength(0)
     d = DraftLength("auto")
     for _ in range(20):
-        d.update(accepted=0.95 * d.k, drafted=d.k, t_draft=0.1, t_verify=1.0)
+        d.update(accepted=0.95 * d.k, drafted=d.k, t_draft=0.1, t_rest=1.0)
     high = d.k
     d = DraftLength("auto")
     for _ in range(20):
-        d.update(accepted=0.1 * d.k, drafted=d.k, t_draft=0.5, t_verify=1.0)
+        d.update(accepted=0.1 * d.k, drafted=d.k, t_draft=0.5, t_rest=1.0)
     assert high > d.k >= 1
 
 
