@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 
 from proxy.engine import GenerationSettings, ModelStream, ProxyEngine, SteeringPair, left_pad, positions_from_mask
-from proxy.loading import load_model, load_tokenizer
+from proxy.errors import UserError, exit_on_user_error
+from proxy.io import read_jsonl
+from proxy.loading import load_model, load_tokenizer, resolve_spec
 from proxy.speculative import SpeculativeProxyEngine, expected_speedup
+from proxy.vocab import shared_vocab_size
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +58,11 @@ def expand_blocks(model, factor: int):
 
 def forward_flops(model) -> int:
     """Multiply-adds x 2 per token through every Linear (lm head included), attention scores left out."""
-    return 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    def size(weight) -> int:  # a bitsandbytes 4-bit weight is stored packed; its quant_state has the real shape
+        state = getattr(weight, "quant_state", None)
+        return state.shape.numel() if state is not None else weight.numel()
+
+    return 2 * sum(size(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @torch.inference_mode()
@@ -98,6 +105,12 @@ def engine_run(engine, prompts, settings) -> int:
     return engine.last_stats.new_tokens
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that wall-clock time covers it (nothing to wait for on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_configs(configs: dict, repeats: int) -> dict[str, tuple[float, int]]:
     """Median seconds and new tokens of each configuration, repeats interleaved so that drifts in the
     machine's load hit every configuration alike."""
@@ -105,8 +118,10 @@ def time_configs(configs: dict, repeats: int) -> dict[str, tuple[float, int]]:
     tokens: dict[str, int] = {}
     for _ in range(repeats):
         for name, fn in configs.items():
+            sync()
             start = time.perf_counter()
             tokens[name] = fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(ts), tokens[name]) for name, ts in times.items()}
 
@@ -122,8 +137,10 @@ def forward_times(model, batch: int, context: int, lengths=(1,), repeats=30) -> 
     for n in lengths:
         times = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             stream.feed(ids[:, :n])
+            sync()
             times.append(time.perf_counter() - start)
             stream.keep(n, nothing)  # roll back, so every repeat sees the same context
         out[n] = statistics.median(times)
@@ -131,7 +148,24 @@ def forward_times(model, batch: int, context: int, lengths=(1,), repeats=30) -> 
 
 
 def load_family(args):
+    """The embedded family (large, small, the demo's expert), or the models named by --base,
+    --expert and --anti-expert with their loading options (real models on a GPU: --base-quantization nf4)."""
+    if args.base:
+        if not (args.expert and args.anti_expert):
+            raise UserError("--base needs --expert and --anti-expert too (a preset, a folder or a hub id each)")
+        device_map = "cuda" if torch.cuda.is_available() else None
+        small = {"dtype": args.dtype, "device_map": device_map}
+        specs = {"base": resolve_spec(args.base, {**small, "quantization": args.base_quantization}),
+                 "expert": resolve_spec(args.expert, small), "anti": resolve_spec(args.anti_expert, small)}
+        tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
+        shared_vocab_size({"base": tokenizers["base"], "expert": tokenizers["expert"],
+                           "anti-expert": tokenizers["anti"]})  # refuses tokenizers that differ, before loading
+        models = {role: load_model(spec) for role, spec in specs.items()}
+        return tokenizers["base"], models["base"], models["expert"], models["anti"], args.expert
     family = Path(args.family)
+    if not (family / "large").exists():
+        raise UserError(f"no model family at {family}; build it with `make demo` "
+                        "or `python -m training.family --out .cache/tiny-family`, or name real models with --base")
     tok = load_tokenizer(str(family / "large"))
     base = load_model(str(family / "large"))
     anti = load_model(str(family / "small"))
@@ -145,10 +179,27 @@ def load_family(args):
     return tok, base, expert, anti, expert_path
 
 
+def task_prompts_for(args) -> list[str]:
+    """--prompts-file (JSONL with a "prompt" field), else the family's held-out task prompts."""
+    path = Path(args.prompts_file) if args.prompts_file else Path(args.family) / "task" / "test.jsonl"
+    if args.prompts_file or path.exists():
+        return [str(r["prompt"]) for r in read_jsonl(path, required=["prompt"])][: args.task_prompts]
+    return [" the quick brown"] * args.task_prompts
+
+
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default=str(PROJECT / ".cache" / "tiny-family"))
     parser.add_argument("--expert", default=None, help="default: the demo's registered 'tiny-expert'")
+    parser.add_argument("--base", default=None,
+                        help="real models instead of the family: the base (preset, folder or hub id); "
+                             "with --expert and --anti-expert")
+    parser.add_argument("--anti-expert", default=None, help="with --base: what the expert was tuned from")
+    parser.add_argument("--base-quantization", default=None, choices=["nf4", "fp4", "int8"])
+    parser.add_argument("--dtype", default=None, help="with --base: e.g. bfloat16 (also the 4-bit compute dtype)")
+    parser.add_argument("--prompts-file", default=None, help="JSONL with a \"prompt\" field (default: the family's task)")
+    parser.add_argument("--stop", default="\n", help="stop string of the task-prompt workloads")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8, help="prompts of the fixed-length workload")
@@ -165,25 +216,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
-    if not (Path(args.family) / "large").exists():
-        raise SystemExit(f"error: no model family at {args.family}; build it with `make demo` "
-                         "or `python -m training.family --out .cache/tiny-family`")
     tok, base, expert, anti, expert_path = load_family(args)
-    if args.lora is None:
+    if args.lora is None and not args.base:
         from training.registry import resolve
 
         lora_path, lora_card = resolve("tiny-expert-lora")
         args.lora = lora_path if lora_card is not None else None
-    task = Path(args.family) / "task" / "test.jsonl"
-    if task.exists():
-        task_prompts = [json.loads(line)["prompt"] for line in task.read_text().splitlines()[: args.task_prompts]]
-    else:
-        task_prompts = [" the quick brown"] * args.task_prompts
+    task_prompts = task_prompts_for(args)
     prompts = task_prompts[: args.prompts]
+    cuda = torch.cuda.is_available()
+    weights_bytes = torch.cuda.memory_allocated() if cuda else 0
     pair = [SteeringPair(expert, anti, args.alpha)]
     flops_ratio = forward_flops(anti) / forward_flops(base)
     bound = 1 + 2 * flops_ratio + 0.3
-    print(f"family {args.family}; expert {expert_path or '(untuned small model)'}; "
+    print(f"base {args.base or Path(args.family) / 'large'}; expert {expert_path or '(untuned small model)'}; "
           f"small/large FLOPs per token = {flops_ratio:.3f}")
 
     results = []
@@ -221,22 +267,25 @@ def main() -> None:
 
     # workload 1 (issue 2): fixed-length continuations, the plain engine against the base and the naive loop
     plain = ProxyEngine(base, tok, pair)
-    parallel = ProxyEngine(base, tok, pair, parallel=True)
+    # the forked small-model worker is CPU-only: a process that has initialised CUDA cannot be forked
+    parallel = None if cuda else ProxyEngine(base, tok, pair, parallel=True)
+    with_parallel = {} if parallel is None else {"proxy_parallel": parallel}
     for batch in args.batch:
         settings = GenerationSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, batch_size=batch)
         configs = {"base_generate": lambda: base_generate(base, tok, prompts, settings),
-                   "proxy": lambda: engine_run(plain, prompts, settings),
-                   "proxy_parallel": lambda: engine_run(parallel, prompts, settings)}
-        if not args.skip_naive and batch == max(args.batch):
+                   "proxy": lambda: engine_run(plain, prompts, settings)}
+        configs.update({name: (lambda e: lambda: engine_run(e, prompts, settings))(e)
+                        for name, e in with_parallel.items()})
+        if not args.skip_naive and not args.base and batch == max(args.batch):  # quadratic: tiny models only
             configs["naive_loop"] = lambda: sum(
                 naive_proxy((base, expert, anti), tok, prompts[i : i + batch], args.alpha, args.new_tokens).shape[0]
                 * args.new_tokens for i in range(0, len(prompts), batch))
         print(f"\n[fixed length] {len(prompts)} prompts, {args.new_tokens} new tokens each, batch {batch}")
         rows = record("fixed_length", batch, time_configs(configs, args.repeats),
-                      {"proxy": plain, "proxy_parallel": parallel})
+                      {"proxy": plain, **with_parallel})
         show(rows)
         proxy_t = next(e["seconds"] for e in rows if e["name"] == "proxy")
-        for e in rows[1:3]:
+        for e in (e for e in rows if e["name"] in ("proxy", "proxy_parallel")):
             print(f"{e['name']} / base alone = {e['ratio_to_base']:.2f}x; "
                   f"bound 1 + 2 x FLOPs ratio + 0.3 = {bound:.2f}x")
         for e in rows:
@@ -245,18 +294,18 @@ def main() -> None:
 
     # workload 2 (issue 5): the task's prompts with natural stopping, speculative and shared-pair variants;
     # workload 3: the same on a deepened base (block expansion: same tokens, r >= 4), where the base dominates
-    deep = expand_blocks(base, args.deep_factor) if args.deep_factor > 1 else None
+    deep = expand_blocks(base, args.deep_factor) if args.deep_factor > 1 and not args.base else None
     for workload, big in (("task_prompts", base), ("deep_base", deep)):
         if big is None:
             continue
         for batch in args.batch:
-            settings = GenerationSettings(max_new_tokens=args.qa_tokens, batch_size=batch, stop=["\n"])
-            engines = {"proxy": plain, "proxy_parallel": parallel} if big is base else {"proxy": ProxyEngine(big, tok, pair)}
+            settings = GenerationSettings(max_new_tokens=args.qa_tokens, batch_size=batch, stop=[args.stop])
+            engines = {"proxy": plain, **with_parallel} if big is base else {"proxy": ProxyEngine(big, tok, pair)}
             engines.update({f"speculative_k{k}": SpeculativeProxyEngine(big, tok, pair, k=k) for k in (2, 4, 6, "auto")})
             if args.lora and big is base:
                 from proxy.shared_pair import load_shared_pair
 
-                shared = load_shared_pair(args.lora)
+                shared = load_shared_pair(args.lora, **({"device_map": "cuda"} if cuda else {}))
                 shared_pair = [SteeringPair(shared, shared, args.alpha, shared=True)]
                 engines["shared_pair"] = ProxyEngine(base, tok, shared_pair)
                 engines["shared_pair_spec_k4"] = SpeculativeProxyEngine(base, tok, shared_pair, k=4)
@@ -270,7 +319,7 @@ def main() -> None:
             verify = {n: tb[n] / tb[1] for n in tb}
             g = timed["base_generate"][0] / timed["base_generate"][1] / (tb[1] / batch)
             label = "task prompts" if big is base else f"deep base: {big.config.num_hidden_layers} layers"
-            print(f"\n[{label}] {len(task_prompts)} prompts, up to {args.qa_tokens} new tokens, stop at newline, "
+            print(f"\n[{label}] {len(task_prompts)} prompts, up to {args.qa_tokens} new tokens, stop at {args.stop!r}, "
                   f"batch {batch}: one base forward "
                   f"{tb[1] * 1e3:.2f} ms, one small forward {te[1] * 1e3:.2f} ms, r = {r:.2f}; verifying n tokens / 1: "
                   + ", ".join(f"{n}: {verify[n]:.2f}" for n in (3, 5, 7))
@@ -291,10 +340,17 @@ def main() -> None:
         plain_ratio = 1 + 2 / r_real
         spec = 1 / expected_speedup(a, 4, r_real, 1.1)
         print(f"  {label}: plain proxy {plain_ratio:.2f}x the base's time; speculative {spec:.2f}x")
-    parallel.close()
+    if parallel is not None:
+        parallel.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"flops_ratio": flops_ratio, "bound": bound, "results": results}, indent=2))
+    memory = {}
+    if cuda:  # what the loaded models and the decoding took on the GPU
+        memory = {"weights_gib": round(weights_bytes / 2**30, 2),
+                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        print(f"GPU memory: weights {memory['weights_gib']} GiB, peak {memory['peak_gib']} GiB")
+    out.write_text(json.dumps({"flops_ratio": flops_ratio, "bound": bound, "gpu_memory": memory,
+                               "results": results}, indent=2))
     print(f"wrote {out}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
@@ -54,3 +55,33 @@ def test_the_benchmark_writes_one_entry_per_configuration(tiny_family, tmp_path,
             assert 0 <= e["acceptance_rate"] <= 1 and 0 < e["base_forwards_per_token"] <= 1
         if e["workload"] == "deep_base":
             assert e["r"] > 0
+
+
+def test_the_benchmark_takes_real_model_names_and_a_4bit_base(tiny_family, tmp_path, monkeypatch, prompts):
+    """--base/--expert/--anti-expert as a user on a GPU would give them (here folders, NF4 on the CPU)."""
+    pytest.importorskip("bitsandbytes")
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:2]))
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", [
+        "bench", "--base", tiny_family.large, "--base-quantization", "nf4", "--expert", tiny_family.expert,
+        "--anti-expert", tiny_family.small, "--prompts-file", str(prompt_file), "--batch", "2", "--prompts", "2",
+        "--new-tokens", "3", "--qa-tokens", "4", "--stop", ".", "--repeats", "1", "--out", str(out),
+    ])
+    try:
+        bench_decoding.main()
+    finally:
+        torch.set_num_threads(1)
+    results = json.loads(out.read_text())["results"]
+    assert {e["workload"] for e in results} == {"fixed_length", "task_prompts"}  # no deep base for real models
+    assert {"base_generate", "proxy", "speculative_kauto"} <= {e["name"] for e in results}
+    assert "naive_loop" not in {e["name"] for e in results}
+
+
+def test_the_benchmark_refuses_a_foreign_expert_in_one_line(tiny_family, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench", "--base", tiny_family.large, "--expert", tiny_family.foreign,
+                                      "--anti-expert", tiny_family.small])
+    with pytest.raises(SystemExit) as stop:
+        bench_decoding.main()
+    assert stop.value.code == 2
+    assert "does not match" in capsys.readouterr().err.strip().splitlines()[-1]
