@@ -2,8 +2,10 @@
 the shared-weight LoRA pair, timed side by side in one process on the same prompts; then the same on a
 deepened base (block expansion: the same tokens, a base that dominates the cost, r >= 4).
 
-    make bench                                   # the embedded family (built by `make demo`) or a random one
+    make bench                                   # the embedded family, built by `make demo`
     python -m scripts.bench_decoding --batch 1 8 --new-tokens 128 --repeats 3
+    python -m scripts.bench_decoding --base llama2-13b --base-quantization nf4 --expert <7B expert> \
+        --anti-expert llama2-7b --prompts-file prompts.jsonl        # real models, on a GPU
 
 Prints tokens/s and ratios to the base alone, the cost model's predictions, and writes the figures as
 JSON (path on the last line). Timing is for reading, never asserted: the machine is shared and noisy.
@@ -87,7 +89,8 @@ def base_generate(model, tok, prompts, settings: GenerationSettings) -> int:
     count = 0
     stop = {"stop_strings": list(settings.stop), "tokenizer": tok} if settings.stop else {}
     for i in range(0, len(prompts), settings.batch_size):
-        enc = tok(prompts[i : i + settings.batch_size], return_tensors="pt", padding=True, padding_side="left")
+        enc = tok(prompts[i : i + settings.batch_size], return_tensors="pt", padding=True,
+                  padding_side="left").to(model.device)
         out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **stop)
         new = out[:, enc["input_ids"].shape[1]:]
