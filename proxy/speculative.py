@@ -227,8 +227,9 @@ class SpeculativeProxyEngine(ProxyEngine):
             stats.steps += 1
             stats.row_forwards += len(rows)
             stats.drafted += k * len(rows)
-            stats.accepted += sum(n_list[r] for r in rows)
-            draft_len.update(sum(n_list[r] for r in rows), k * len(rows), (t1 - t0) / k, time.perf_counter() - t1)
+            kept = sum(n_list[r] for r in rows)
+            stats.accepted += kept
+            draft_len.update(kept, k * len(rows), (t1 - t0) / k, time.perf_counter() - t1)
 
         for key, runner in runners.items():
             name = "base" if key == base_key else f"stream{list(runners).index(key)}"
