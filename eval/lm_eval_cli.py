@@ -14,10 +14,27 @@ import sys
 from proxy.errors import UserError
 
 
+def named(argv: list[str]) -> list[str]:
+    """With `--model proxy`, `--model_args` gain `model=<name>` (unless given): lm-eval names its results
+    folder after that key, and would otherwise pick a random name, the same for every proxy configuration."""
+    argv = list(argv)
+    if "proxy" not in (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"):
+        return argv
+    from eval.lm_eval_proxy import run_name
+
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--model_args" and "model=" not in argv[i + 1]:
+            args = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
+            name = run_name(args.get("base", "tiny-large"), args.get("expert"), args.get("alpha", 1.0))
+            argv[i + 1] = f"{argv[i + 1]},model={name}"
+    return argv
+
+
 def main() -> None:
     import eval.lm_eval_proxy  # noqa: F401  registers "proxy"
     from lm_eval.__main__ import cli_evaluate
 
+    sys.argv = [sys.argv[0], *named(sys.argv[1:])]
     try:
         cli_evaluate()
     except UserError as err:

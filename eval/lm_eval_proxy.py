@@ -9,21 +9,36 @@ the plain `lm_eval` command does not look for models in other packages. From Pyt
     import eval.lm_eval_proxy, lm_eval
     lm_eval.simple_evaluate(model="proxy", model_args="base=...,expert=...", tasks=[...])
 
+It is lm-eval's `TemplateLM`, so contexts and continuations are split as lm-eval's `hf` model splits
+them (trailing spaces move to the continuation, an empty context becomes BOS or EOS), and it tokenizes,
+windows, truncates, stops and cuts generations with the `hf` model's own rules and helpers: at alpha 0
+it gives the `hf` model's numbers on the same base.
+
 Model arguments: base, expert, anti_expert (default: the expert's card), alpha, expert_format,
 batch_size, max_length (the context used for rolling windows and prompt truncation; default: the
-smallest context of the loaded models), and per-role loading options `<role>_<option>` with role
-base/expert/anti_expert and option dtype/quantization/device_map/attn_implementation
-(e.g. base_quantization=nf4,expert_dtype=bfloat16); dtype=... and device_map=... set all roles.
+smallest context of the loaded models), max_gen_toks (default 256, as `hf`), add_bos_token (as `hf`),
+model (a name for lm-eval's results folder; the CLI wrapper fills it), and per-role loading options
+`<role>_<option>` with role base/expert/anti_expert and option dtype/quantization/device_map/
+attn_implementation (e.g. base_quantization=nf4,expert_dtype=bfloat16); dtype=... and device_map=...
+set all roles.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  registers lm-eval's own model types first (it skips that once any exists)
 import torch
-from lm_eval.api.model import LM
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -51,14 +66,22 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if kwargs:
         raise UserError(
             f"unknown proxy model argument(s) {sorted(kwargs)}; known: base, expert, anti_expert, alpha, "
-            "expert_format, batch_size, max_length, dtype, device_map, <role>_<option> with option in "
-            f"{', '.join(LOAD_OPTIONS)}"
+            "expert_format, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, device_map, "
+            f"<role>_<option> with option in {', '.join(LOAD_OPTIONS)}"
         )
     return load
 
 
+def run_name(base: str, expert: str | None, alpha: Any) -> str:
+    """A readable name for one proxy configuration (lm-eval's results folder): base, expert and alpha."""
+    def short(name: str | None) -> str:
+        return Path(str(name).rstrip("/")).name if name else "alone"
+
+    return f"proxy-{short(base)}-{short(expert)}-alpha{alpha}"
+
+
 @register_model("proxy")
-class ProxyLM(LM):
+class ProxyLM(TemplateLM):
     """lm-eval's three request types answered by a `ProxyEngine`."""
 
     def __init__(
@@ -70,6 +93,9 @@ class ProxyLM(LM):
         expert_format: str | None = None,
         batch_size: int | str | None = 8,
         max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool | None = None,
+        model: str | None = None,
         engine: ProxyEngine | None = None,
         **kwargs: Any,
     ) -> None:
@@ -93,105 +119,105 @@ class ProxyLM(LM):
             load_overrides(kwargs)  # refuses unknown names
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.name = model or run_name(base, expert, alpha)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> a fixed default
-        limits = [engine._context_limit(m) for m in engine._stream_plan()[0].values()]
+        self.max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        limits = [engine.context_limit(s.model) for s in engine.streams.values()]
         known = [n for n in limits if n]
         self.max_length = int(max_length) if max_length else (min(known) if known else 2048)
 
-    # -- helpers ----------------------------------------------------------------------------------
+    # -- tokens, as lm-eval's hf model has them ------------------------------------------------------
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "proxy").replace("/", "__")
 
-    def _prefix_text(self) -> str:
-        """What an empty context becomes: the BOS (or EOS) token, so that the first token has a condition."""
-        token = self.tokenizer.bos_token or self.tokenizer.eos_token
-        if token is None:
-            raise UserError("the base tokenizer has neither a BOS nor an EOS token to condition on")
-        return token
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
 
-    def _context(self, context: str) -> str:
-        return context if self.tokenizer(context)["input_ids"] else self._prefix_text()
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
 
-    # -- requests ---------------------------------------------------------------------------------
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        contexts = [self._context(r.args[0]) for r in requests]
-        continuations = [r.args[1] for r in requests]
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        ids = self.tokenizer.encode(string, **special)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Each request is ((context, continuation) or (None,), context ids, continuation ids); like the hf
+        model, the model reads at most max_length tokens, the context cut on the left."""
+        prepared = []
+        for strings, context_enc, continuation_enc in requests:
+            if not continuation_enc or len(continuation_enc) > self.max_length:
+                raise UserError(f"a continuation of {len(continuation_enc)} tokens cannot be scored in a context "
+                                f"of {self.max_length}")
+            window = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
+            text = strings[0] if strings and strings[0] is not None else None
+            prepared.append((text, window[: len(window) - len(continuation_enc)], list(continuation_enc)))
         out = []
-        for i in tqdm(range(0, len(requests), self.batch_size), disable=disable_tqdm, desc="proxy loglikelihood"):
-            scored = self.engine.score(contexts[i:i + self.batch_size], continuations[i:i + self.batch_size],
-                                       batch_size=self.batch_size)
-            for req, s in zip(requests[i:i + self.batch_size], scored):
+        for i in tqdm(range(0, len(prepared), self.batch_size), disable=disable_tqdm, desc="proxy loglikelihood"):
+            scored = self.engine.score_tokens(prepared[i : i + self.batch_size], batch_size=self.batch_size)
+            for (strings, _, _), s in zip(requests[i : i + self.batch_size], scored):
                 answer = (s["logprob"], s["is_greedy"])
-                self.cache_hook.add_partial("loglikelihood", req.args, answer)
+                if strings and strings[0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", strings, answer)
                 out.append(answer)
         return out
 
-    def rolling_windows(self, text: str) -> list[tuple[str, str]]:
-        """(context, continuation) strings covering `text` once, each at most max_length tokens.
-
-        A text that fits is one pair (BOS/EOS, text), scored exactly; a longer one is cut into token
-        windows as lm-eval's HF model does, decoded back to strings for `ProxyEngine.score`.
-        """
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < self.max_length:
-            return [(self._prefix_text(), text)]
-        prefix_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token else self.tokenizer.eos_token_id
-        pairs = []
-        for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
-                ids, prefix_token=prefix_id, max_seq_len=self.max_length - 1, context_len=1)):
-            ctx_text = self.tokenizer.decode(ctx) if ctx != [prefix_id] else self._prefix_text()
-            pairs.append((ctx_text, self.tokenizer.decode(pred)))
-        return pairs
-
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="proxy loglikelihood_rolling"):
-            windows = self.rolling_windows(req.args[0])
-            scored = self.engine.score([c for c, _ in windows], [p for _, p in windows], batch_size=self.batch_size)
-            total = sum(s["logprob"] for s in scored)
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="proxy loglikelihood_rolling"):
+            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))
+            total = sum(ll for ll, _ in self._loglikelihood_tokens([((None,), *w) for w in windows], disable_tqdm=True))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
             out.append(total)
         return out
 
-    def _fit_prompt(self, context: str, max_new_tokens: int) -> str:
-        """Keep the end of a context too long for the model's window (as lm-eval's HF model does)."""
-        room = self.max_length - max_new_tokens
-        if room < 1:
-            raise UserError(f"max_gen_toks={max_new_tokens} leaves no room in a context of {self.max_length} tokens")
-        ids = self.tokenizer(context)["input_ids"]
-        return context if len(ids) <= room else self.tokenizer.decode(ids[-room:], skip_special_tokens=True)
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        groups: dict[str, list[int]] = defaultdict(list)  # requests with the same gen_kwargs run as batches
+        groups: dict[str, list[int]] = {}  # requests with the same gen_kwargs run as batches
         for i, req in enumerate(requests):
-            groups[repr(sorted(req.args[1].items()))].append(i)
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         out: list[str | None] = [None] * len(requests)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="proxy generate_until")
         for indices in groups.values():
-            settings = self.settings(requests[indices[0]].args[1])
-            prompts = [self._fit_prompt(self._context(requests[i].args[0]), settings.max_new_tokens) for i in indices]
-            for i, gen in zip(indices, self.engine.generate(prompts, settings)):
-                text = gen.text
-                for stop in settings.stop:  # a stop string can end inside the last token
-                    text = text.split(stop)[0]
+            kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            settings = self.settings(kwargs, until)
+            room = self.max_length - settings.max_new_tokens
+            if room < 1:
+                raise UserError(f"max_gen_toks={settings.max_new_tokens} leaves no room in a context of "
+                                f"{self.max_length} tokens")
+            contexts = [requests[i].args[0] for i in indices]
+            ids = [self.tok_encode(c, left_truncate_len=room) for c in contexts]
+            for i, gen in zip(indices, self.engine.generate(contexts, settings, prompt_ids=ids)):
+                text = postprocess_generated_text(self.tok_decode(gen.token_ids), until, None)
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 out[i] = text
                 bar.update(1)
         bar.close()
         return out  # type: ignore[return-value]
 
-    def settings(self, gen_kwargs: dict[str, Any]) -> GenerationSettings:
-        kw = dict(gen_kwargs)
-        until = kw.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kw.pop("max_gen_toks", kw.pop("max_new_tokens", 256)))
-        temperature = float(kw.pop("temperature", 0.0) or 0.0)
-        do_sample = bool(kw.pop("do_sample", False)) and temperature > 0
+    def settings(self, kwargs: dict[str, Any], until: list[str]) -> GenerationSettings:
+        """lm-eval's normalised generation arguments as the engine's settings."""
+        kw = dict(kwargs)
+        max_new = int(kw.pop("max_gen_toks"))
+        do_sample = bool(kw.pop("do_sample", False))
+        temperature = kw.pop("temperature", 0.0)
+        seed = kw.pop("seed", 0)
         return GenerationSettings(
-            max_new_tokens=max_new, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
-            top_k=kw.pop("top_k", None), top_p=kw.pop("top_p", None), seed=kw.pop("seed", 0),
-            stop=[s for s in until if s], batch_size=self.batch_size,
+            max_new_tokens=max_new, do_sample=do_sample, temperature=float(temperature) if do_sample else None,
+            seed=seed, stop=[s for s in until if s], batch_size=self.batch_size, config=kw,
         )

@@ -19,9 +19,9 @@ from eval import metrics as M
 from proxy.errors import UserError, exit_on_user_error
 from proxy.io import atomic_write_json, write_jsonl
 from proxy.jobs import hydra_output_dir, mark_finished, skip_if_finished
-from proxy.run import build_engine, generation_settings
+from proxy.run import build_engine, generation_settings, resolve_pairs, run_inputs
 from proxy.tracking import tracked
-from training.tasks import get_field, load_records, load_task, to_example
+from training.tasks import get_field, load_records, load_task, task_files, to_example
 
 METRICS_FILE = "metrics.json"
 
@@ -72,17 +72,19 @@ def score_multiple_choice(engine, task, records):
 
 def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     out_dir = out_dir or hydra_output_dir()
-    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / METRICS_FILE))
-    if done is not None:
-        return done
     if cfg.get("model"):
         with open_dict(cfg):
             cfg.base, cfg.expert = cfg.model, None
     task = task_of(cfg)
+    pairs = resolve_pairs(cfg)
+    digest = run_inputs(cfg, pairs, *task_files(task))
+    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / METRICS_FILE), digest)
+    if done is not None:
+        return done
     settings = generation_settings(cfg.generation)
     settings.stop = list(task.get("stop") or [])
     with tracked(cfg, job_type="eval", run_dir=out_dir) as tracker:
-        engine, pairs = build_engine(cfg)
+        engine, pairs = build_engine(cfg, pairs)
         diagnostics = bool(cfg.proxy.diagnostics) and bool(pairs) and not cfg.proxy.get("speculative", {}).get("k")
         if task.metric == "mc1":
             rows = score_multiple_choice(engine, task, load_records(task, "eval"))
@@ -109,7 +111,7 @@ def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
             from training.registry import update_scores
 
             update_scores(str(cfg.base), task.name, {task.metric: result[task.metric]})
-        mark_finished(out_dir, cfg, record)
+        mark_finished(out_dir, cfg, record, digest)
     print(f"{task.name} {task.metric} = {result[task.metric]:.4f} over {len(rows)} examples "
           f"({record['role']}); wrote {Path(out_dir) / METRICS_FILE}")
     return record

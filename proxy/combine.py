@@ -1,4 +1,4 @@
-"""The proxy step: a pure function of logits."""
+"""The proxy step: pure functions of logits."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,23 +6,35 @@ from typing import Sequence
 import torch
 
 
+def shared_logits(logits: torch.Tensor, vocab_size: int, fold: Sequence[int] = (), into: int | None = None) -> torch.Tensor:
+    """A model's logits (..., V_model) over the shared vocabulary (..., vocab_size), in float32.
+
+    `fold` are ids the model ends on that lie beyond the shared vocabulary (a chat expert's own
+    end-of-turn token, added to its tokenizer only): their probability joins the shared end id `into`
+    (log-sum-exp), so the expert's wish to end its turn reaches the proxy instead of being dropped."""
+    out = logits[..., :vocab_size].float()
+    if fold and into is not None:
+        out = out.clone()
+        ends = torch.cat([out[..., into : into + 1], logits[..., list(fold)].float()], dim=-1)
+        out[..., into] = torch.logsumexp(ends, dim=-1)
+    return out
+
+
 def proxy_logits(
     base: torch.Tensor,
-    offsets: Sequence[tuple[float, torch.Tensor, torch.Tensor]],
-    vocab_size: int,
+    offsets: Sequence[tuple[float | torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    """s_base + sum_i alpha_i * (s_expert_i - s_anti_i), in float32 over the first `vocab_size` ids.
+    """s_base + sum_i alpha_i * (s_expert_i - s_anti_i), in float32 on the base's device.
 
-    base: (..., V_base); each offset is (alpha, expert (..., V_e), anti (..., V_a)), every V >= vocab_size.
-    Widths beyond vocab_size are padding rows of an embedding matrix and are dropped.
-    Returns (..., vocab_size) float32 on the base's device.
+    base: (..., V); each offset is (alpha, expert (..., V), anti (..., V)), all over the shared vocabulary
+    (`shared_logits`). alpha is a number, or a tensor that broadcasts against the logits (one per row).
     """
-    scores = base[..., :vocab_size].float()
+    scores = base.float()
     for alpha, expert, anti in offsets:
-        if alpha == 0:
+        if isinstance(alpha, (int, float)) and alpha == 0:
             continue
-        expert = expert[..., :vocab_size].to(scores.device, torch.float32)
-        anti = anti[..., :vocab_size].to(scores.device, torch.float32)
+        expert = expert.to(scores.device, torch.float32)
+        anti = anti.to(scores.device, torch.float32)
         scores = scores + alpha * (expert - anti)
     return scores
 

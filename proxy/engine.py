@@ -1,7 +1,15 @@
 """Proxy decoding: one KV cache per model, each fed only the new token after the prompt.
 
-At every step the next-token scores are `s_base + sum_i alpha_i * (s_expert_i - s_anti_i)` (see
-`proxy.combine`); transformers' logits processors and stopping criteria do the rest.
+One step, for a batch of rows:
+
+    scores = s_base + sum_i alpha_i * (s_expert_i - s_anti_i)     (proxy.combine, float32)
+    scores = processors(ids, scores)                             (transformers', from the base's generation config)
+    token  = argmax(scores), or a sample from softmax(scores)
+    a row ends on any id a model of the run ends on, on a stop string, or at its token budget
+
+Each model reads the prompt through its own tokenizer (the expert through its own rendering: a chat
+template or a format string); generated ids lie in the vocabulary all of them share, so one token is
+appended to every model's sequence.
 """
 from __future__ import annotations
 
@@ -11,23 +19,16 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from transformers import (
-    DynamicCache,
-    EosTokenCriteria,
-    LogitsProcessorList,
-    MaxLengthCriteria,
-    MinNewTokensLengthLogitsProcessor,
-    StopStringCriteria,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from proxy.combine import proxy_logits, token_diagnostics
+from proxy.combine import proxy_logits, shared_logits, token_diagnostics
+from proxy.decoding import DecodeRules, GenerationSettings
 from proxy.errors import UserError
-from proxy.loading import model_device
-from proxy.prompts import CHAT, render
-from proxy.vocab import shared_vocab_size
+from proxy.prompts import CHAT, RAW, render
+from proxy.streams import ModelStream, left_pad, model_device
+from proxy.text import cut_at_stop, generated_text
+from proxy.vocab import end_ids, shared_vocab_size, stop_set
+
+__all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair", "check_alpha"]
 
 
 @dataclass
@@ -40,20 +41,8 @@ class SteeringPair:
     expert_format: str | None = None  # how the expert sees the prompt (see proxy.prompts.render)
     name: str = "expert"
     shared: bool = False  # expert and anti-expert are one SharedLoraPair: its logits are [expert | anti]
-    tokenizer: object = None  # the expert's own tokenizer: its chat template renders the expert's prompt
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0  # EOS is masked until this many tokens are out
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = 0
-    stop: Sequence[str] = ()
-    batch_size: int = 8
+    tokenizer: object = None  # the expert's own tokenizer (default: the base's)
+    anti_tokenizer: object = None  # the anti-expert's own tokenizer (default: the base's)
 
 
 @dataclass
@@ -106,118 +95,41 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and attention mask, rows aligned on the right."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
+@dataclass
+class Stream:
+    """One (model, rendering) the engine runs: how it reads the prompt and which of its ids end a turn."""
 
+    model: torch.nn.Module
+    tokenizer: object
+    fmt: str | None
+    ends: list[int]
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded mask: 0 at each row's first real token."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None))
 
+    @property
+    def empty_prompt_ids(self) -> list[int]:
+        """What an empty prompt is conditioned on: BOS, or EOS where there is none (lm-eval's hf model)."""
+        tok = self.tokenizer
+        token = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if token is None:
+            raise UserError("an empty prompt needs a BOS or EOS token to condition on; this tokenizer has neither")
+        return [token]
 
-class ModelStream:
-    """One model reading one rendering of the prompts, with its own KV cache."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.device = model_device(model)
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None
-        self.next_pos: torch.Tensor | None = None
-        self.dense = False  # no padding and no holes: the model's own causal mask is the right one
-        self.forwards = 0
-
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, last: int = 1) -> torch.Tensor:
-        """Run the prompts; return the last position's logits (B, V), or the last `last` positions' (B, last, V)."""
-        self.cache = DynamicCache(config=self.model.config)
-        self.mask = mask.to(self.device)
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=self.mask,
-            position_ids=positions_from_mask(self.mask),
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=last,
-        )
-        self.next_pos = self.mask.sum(-1, keepdim=True)
-        self.dense = bool(self.mask.all())
-        self.forwards += 1
-        return out.logits[:, -1] if last == 1 else out.logits[:, -last:]
-
-    @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed n new tokens per row (B, n) at the next logical positions; return their logits (B, n, V)."""
-        tokens = tokens.to(self.device)
-        n = tokens.shape[1]
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1]).expand(-1, n)], dim=-1)
-        positions = self.next_pos + torch.arange(n, device=self.device)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=None if self.dense else self.mask,  # None spares building a mask per forward
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.next_pos = self.next_pos + n
-        self.forwards += 1
-        return out.logits
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one new token per row (B,); return the next logits (B, V)."""
-        return self.feed(tokens[:, None])[:, -1]
-
-    @torch.inference_mode()
-    def keep(self, fed: int, valid: torch.Tensor) -> None:
-        """Of the last `fed` slots, keep the first `valid[r]` of each row (B,) and roll back the rest.
-
-        Rows keep different numbers, so a rejected slot stays in the cache masked out (a hole the
-        attention mask hides); the tail that no row keeps is cropped from the cache."""
-        if fed == 0:
-            return
-        valid = valid.to(self.device)
-        keep = torch.arange(fed, device=self.device)[None, :] < valid[:, None]
-        self.mask[:, -fed:] = keep.to(self.mask.dtype)
-        self.next_pos = self.next_pos - fed + valid[:, None]
-        drop = fed - int(valid.max())
-        if drop > 0:
-            self.cache.crop(-drop)
-            self.mask = self.mask[:, :-drop]
-        self.dense = self.dense and bool(self.mask.all())
-
-
-def logits_processors(settings: GenerationSettings, prompt_width: int, eos_id: int | None) -> LogitsProcessorList:
-    """transformers' own processors over the proxy scores: constraints always, warpers when sampling."""
-    procs = LogitsProcessorList()
-    if settings.min_new_tokens and eos_id is not None:
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_width, settings.min_new_tokens, eos_id))
-    if not settings.do_sample:
-        return procs
-    if settings.temperature is not None and settings.temperature != 1.0:
-        if settings.temperature <= 0:
-            raise UserError("generation.temperature must be > 0 when sampling; use do_sample=false for greedy")
-        procs.append(TemperatureLogitsWarper(settings.temperature))
-    if settings.top_k:
-        procs.append(TopKLogitsWarper(int(settings.top_k)))
-    if settings.top_p is not None and settings.top_p < 1.0:
-        procs.append(TopPLogitsWarper(float(settings.top_p)))
-    return procs
+    def encode(self, prompt: str) -> list[int]:
+        text = render(prompt, self.fmt, self.tokenizer)
+        ids = self.tokenizer(text, add_special_tokens=self.fmt != CHAT)["input_ids"]
+        return ids or self.empty_prompt_ids
 
 
 class ProxyEngine:
     """Decode from `base` steered by zero or more (expert, anti-expert) pairs.
 
     The base and anti-experts read the raw prompt; each expert reads its own rendering of it
-    (`SteeringPair.expert_format`). Generated tokens are appended to every model's sequence.
-    A model passed in more than one role with the same rendering runs once per step.
+    (`SteeringPair.expert_format`). A model passed in more than one role with the same rendering runs
+    once per step. `tokenizers` adds tokenizers to the vocabulary check (role -> tokenizer).
     """
 
     def __init__(self, base, tokenizer, pairs: Sequence[SteeringPair] = (), tokenizers: dict | None = None,
@@ -232,25 +144,57 @@ class ProxyEngine:
         roles = {"base": tokenizer, **(tokenizers or {})}
         widths = {"base": base.get_output_embeddings().weight.shape[0]}
         for pair in self.pairs:
+            roles[f"expert '{pair.name}'"] = pair.tokenizer or tokenizer
+            roles[f"anti-expert of '{pair.name}'"] = pair.anti_tokenizer or tokenizer
             widths[f"expert '{pair.name}'"] = pair.expert.get_output_embeddings().weight.shape[0]
             widths[f"anti-expert of '{pair.name}'"] = pair.anti_expert.get_output_embeddings().weight.shape[0]
         self.vocab_size = shared_vocab_size(roles, widths)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_id = tokenizer.eos_token_id
         self.device = model_device(base)
+        self.streams, self.base_key, self.pair_keys = self._stream_plan()
+        self.stop_ids = stop_set([s.ends for s in self.streams.values()], self.vocab_size)
+        if not self.stop_ids:
+            raise UserError("no model of the run names an end-of-sequence token; set one in its generation config")
+        base_ends = [i for i in self.streams[self.base_key].ends if i < self.vocab_size]
+        self.end_id = base_ends[0] if base_ends else self.stop_ids[0]  # where ends beyond the shared range fold
+        self.pad_id = self.streams[self.base_key].pad_id
         self.last_stats = DecodeStats()
-        # a format is rendered by the tokenizer of the expert that reads it (a chat template is the expert's)
-        self.renderers = {p.expert_format: p.tokenizer for p in self.pairs if p.expert_format and p.tokenizer}
-        self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
         self.parallel = parallel and bool(self.pairs)  # the small models in a second process (proxy.parallel)
         self._worker = None
 
-    def _small_model_worker(self, streams, base_key):
+    # -- streams ----------------------------------------------------------------------------------
+    def _stream_plan(self):
+        """Distinct (model, prompt format) streams, and for each pair the keys of its two streams."""
+        streams: dict[tuple, Stream] = {}
+
+        def key_for(model, tokenizer, fmt):
+            fmt = None if fmt in (None, RAW) else fmt
+            key = (id(model), fmt)
+            if key not in streams:
+                streams[key] = Stream(model, tokenizer, fmt, end_ids(model, tokenizer))
+            return key
+
+        base_key = key_for(self.base, self.tokenizer, None)
+        pair_keys = []
+        for p in self.pairs:
+            expert_key = key_for(p.expert, p.tokenizer or self.tokenizer, p.expert_format)
+            anti_key = expert_key if p.shared else key_for(p.anti_expert, p.anti_tokenizer or self.tokenizer, None)
+            pair_keys.append((expert_key, anti_key))
+        return streams, base_key, pair_keys
+
+    def encode(self, prompt: str, fmt: str | None = None, key: tuple | None = None) -> list[int]:
+        """The ids a stream reads for a prompt (by default the base's stream, or the first with format `fmt`)."""
+        if key is None:
+            fmt = None if fmt in (None, RAW) else fmt
+            key = next((k for k in self.streams if k[1] == fmt), self.base_key)
+        return self.streams[key].encode(prompt)
+
+    def _small_model_worker(self):
         """The forked process that runs every stream but the base's, started at the first batch."""
         if self._worker is None:
             from proxy.parallel import ParallelStreams
 
-            self._worker = ParallelStreams({k: m for k, m in streams.items() if k != base_key}, self.vocab_size)
+            models = {k: s.model for k, s in self.streams.items() if k != self.base_key}
+            self._worker = ParallelStreams(models)
         return self._worker
 
     def close(self) -> None:
@@ -262,155 +206,130 @@ class ProxyEngine:
     def __del__(self):
         self.close()
 
-    def stop_criteria(self, stop: Sequence[str]) -> StopStringCriteria | None:
-        """transformers' stop-string matcher, built once per set of strings (it embeds the whole vocabulary)."""
-        if not stop:
-            return None
-        key = tuple(stop)
-        if key not in self._stop_criteria:
-            self._stop_criteria[key] = StopStringCriteria(self.tokenizer, list(stop))
-        return self._stop_criteria[key]
-
-    # -- streams ----------------------------------------------------------------------------------
-    def _stream_plan(self):
-        """Distinct (model, prompt format) streams, and for each pair the keys of its two streams."""
-        streams: dict[tuple, torch.nn.Module] = {}
-
-        def key_for(model, fmt):
-            key = (id(model), fmt or None)
-            streams.setdefault(key, model)
-            return key
-
-        base_key = key_for(self.base, None)
-        pair_keys = []
-        for p in self.pairs:
-            expert_key = key_for(p.expert, p.expert_format)
-            pair_keys.append((expert_key, expert_key if p.shared else key_for(p.anti_expert, None)))
-        return streams, base_key, pair_keys
-
-    def encode(self, prompt: str, fmt: str | None) -> list[int]:
-        text = render(prompt, fmt, self.renderers.get(fmt, self.tokenizer))
-        return self.tokenizer(text, add_special_tokens=fmt != CHAT)["input_ids"]
-
-    def _context_limit(self, model) -> int | None:
+    def context_limit(self, model) -> int | None:
         return getattr(model.config, "max_position_embeddings", None)
 
-    def _check_lengths(self, streams, encoded, prompts, extra: int) -> None:
-        for key, model in streams.items():
-            limit = self._context_limit(model)
-            if limit is None:
-                continue
-            for i, ids in enumerate(encoded[key]):
-                if len(ids) + extra > limit:
+    def _encode_batch(self, prompts: Sequence[str], extra: int, prompt_ids: Sequence[list[int]] | None = None
+                      ) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """Every stream's left-padded (ids, mask) for the prompts; UserError for one too long for a model.
+
+        `prompt_ids` are the prompts as the caller tokenized them (lm-eval does): every stream that
+        reads the raw prompt takes them; a stream with its own rendering still reads the text."""
+        padded = {}
+        for key, stream in self.streams.items():
+            if prompt_ids is not None and stream.fmt is None:
+                rows = [list(ids) or stream.empty_prompt_ids for ids in prompt_ids]
+            else:
+                rows = [stream.encode(p) for p in prompts]
+            limit = self.context_limit(stream.model)
+            for i, ids in enumerate(rows):
+                if limit is not None and len(ids) + extra > limit:
                     raise UserError(
                         f"prompt {i} ({prompts[i][:40]!r}...) is {len(ids)} tokens; with {extra} new tokens it "
                         f"exceeds the model's context of {limit}; shorten it or lower generation.max_new_tokens"
                     )
+            padded[key] = left_pad(rows, stream.pad_id)
+        return padded
 
-    def combine(self, logits: dict, base_key, pair_keys) -> torch.Tensor:
+    def _view(self, key, logits: torch.Tensor) -> torch.Tensor:
+        """A stream's logits over the shared vocabulary, its ends beyond it folded into the shared end id."""
+        stream = self.streams[key]
+        fold = [i for i in stream.ends if self.vocab_size <= i < logits.shape[-1]]
+        return shared_logits(logits, self.vocab_size, fold, self.end_id)
+
+    def combine(self, logits: dict, alphas: Sequence | None = None) -> torch.Tensor:
+        """The proxy scores over the shared vocabulary from every stream's logits (key -> (..., V))."""
         offsets = []
-        for p, (e, a) in zip(self.pairs, pair_keys):
+        for i, (p, (e, a)) in enumerate(zip(self.pairs, self.pair_keys)):
+            alpha = p.alpha if alphas is None else alphas[i]
             if p.shared:  # one stream whose logits are [expert | anti-expert]
                 width = logits[e].shape[-1] // 2
-                offsets.append((p.alpha, logits[e][..., :width], logits[e][..., width:]))
+                offsets.append((alpha, self._view(e, logits[e][..., :width]), self._view(e, logits[e][..., width:])))
             else:
-                offsets.append((p.alpha, logits[e], logits[a]))
-        return proxy_logits(logits[base_key], offsets, self.vocab_size)
+                offsets.append((alpha, self._view(e, logits[e]), self._view(a, logits[a])))
+        # the scores meet on the device of the base's inputs (a base split over GPUs ends on another one)
+        return proxy_logits(self._view(self.base_key, logits[self.base_key]).to(self.device), offsets)
+
+    def rules(self, settings: GenerationSettings) -> DecodeRules:
+        return DecodeRules(self.base, settings, self.stop_ids, self.pad_id, self.tokenizer, self.device)
 
     # -- generation -------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], settings: GenerationSettings | None = None, diagnostics: bool = False
+        self, prompts: Sequence[str], settings: GenerationSettings | None = None, diagnostics: bool = False,
+        prompt_ids: Sequence[list[int]] | None = None,
     ) -> list[Generation]:
-        settings = settings or GenerationSettings()
-        if settings.max_new_tokens < 1:
-            raise UserError("generation.max_new_tokens must be at least 1")
+        """Decode every prompt (in batches of settings.batch_size). `prompt_ids`: the prompts already
+        tokenized by the base's tokenizer, for the streams that read them raw."""
+        rules = self.rules(settings or GenerationSettings())
         stats = DecodeStats()
-        generator = None
-        if settings.do_sample:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(settings.seed or 0))
         start = time.perf_counter()
         out: list[Generation] = []
-        batch_size = max(1, int(settings.batch_size))
+        batch_size = max(1, int(rules.settings.batch_size))
         for i in range(0, len(prompts), batch_size):
-            out += self._generate_batch(list(prompts[i : i + batch_size]), settings, diagnostics, generator, stats)
+            ids = None if prompt_ids is None else prompt_ids[i : i + batch_size]
+            out += self._generate_batch(list(prompts[i : i + batch_size]), rules, diagnostics, stats, ids)
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return out
 
-    def _generate_batch(self, prompts, settings, diagnostics, generator, stats) -> list[Generation]:
-        streams, base_key, pair_keys = self._stream_plan()
-        encoded = {key: [self.encode(p, key[1]) for p in prompts] for key in streams}
-        self._check_lengths(streams, encoded, prompts, settings.max_new_tokens)
-        worker = self._small_model_worker(streams, base_key) if self.parallel else None
-        local = {base_key: streams[base_key]} if worker else streams
-        runners = {key: ModelStream(model) for key, model in local.items()}
-        padded = {key: left_pad(encoded[key], self.pad_id) for key in streams}
-        logits = worker.prefill(padded) if worker else {}
+    def _prefill(self, padded: dict) -> tuple[dict, dict, object]:
+        """Start every stream on its prompts: (first logits by key, local runners, the worker or None)."""
+        worker = self._small_model_worker() if self.parallel else None
+        local = [self.base_key] if worker else list(self.streams)
+        runners = {key: ModelStream(self.streams[key].model) for key in local}
+        logits = worker.prefill({k: v for k, v in padded.items() if k != self.base_key}) if worker else {}
         for key, runner in runners.items():
             logits[key] = runner.prefill(*padded[key])
-        base_ids = padded[base_key][0]
-        prompt_width = base_ids.shape[1]
-        seq = base_ids.to(self.device)
+        return logits, runners, worker
 
-        processors = logits_processors(settings, prompt_width, self.eos_id)
-        length_done = MaxLengthCriteria(max_length=prompt_width + settings.max_new_tokens)
-        eos_done = EosTokenCriteria(eos_token_id=self.eos_id) if self.eos_id is not None else None
-        stop_done = self.stop_criteria(settings.stop)
-
-        batch = len(prompts)
-        stats.row_forwards += batch
-        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
-        reasons = ["length"] * batch
-        lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        trace: list[list[dict]] = [[] for _ in range(batch)]
+    def _generate_batch(self, prompts, rules: DecodeRules, diagnostics, stats, prompt_ids=None) -> list[Generation]:
+        padded = self._encode_batch(prompts, rules.max_new_tokens, prompt_ids)
+        logits, runners, worker = self._prefill(padded)
+        seq, prompt_mask = padded[self.base_key][0].to(self.device), padded[self.base_key][1]
+        processors = rules.processors(prompt_mask)
+        new_ids: list[list[int]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        trace: list[list[dict]] = [[] for _ in prompts]
+        active = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+        stats.row_forwards += len(prompts)
         while True:
-            scores = self.combine(logits, base_key, pair_keys)
-            picked = processors(seq, scores) if processors else scores
-            if settings.do_sample:
-                probs = torch.softmax(picked, dim=-1)
-                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                next_tokens = picked.argmax(-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, self.pad_id))
+            scores = self.combine(logits)  # the proxy step
+            tokens = rules.pick(processors(seq, scores) if processors else scores)
+            tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad_id))
             if diagnostics:
-                self._record(trace, unfinished, next_tokens, logits[base_key], scores, stats)
-            seq = torch.cat([seq, next_tokens[:, None]], dim=-1)
-            lengths += unfinished.long()
-            stats.new_tokens += int(unfinished.sum())
+                self._record(trace, active, tokens, self._view(self.base_key, logits[self.base_key]), scores, stats)
+            seq = torch.cat([seq, tokens[:, None]], dim=-1)
+            for row, token in enumerate(tokens.tolist()):
+                if reasons[row] is None:
+                    new_ids[row].append(token)
+                    reasons[row] = rules.finish_reason(new_ids[row])
+            stats.new_tokens += int(active.sum())
             stats.steps += 1
-            for reason, crit in (("eos", eos_done), ("stop", stop_done), ("length", length_done)):
-                if crit is None:
-                    continue
-                hit = crit(seq, scores).to(self.device) & unfinished
-                for row in hit.nonzero().flatten().tolist():
-                    reasons[row] = reason
-                unfinished &= ~hit
-            if not unfinished.any():
+            active = torch.tensor([r is None for r in reasons], device=self.device)
+            if not active.any():
                 break
-            stats.row_forwards += int(unfinished.sum())
+            stats.row_forwards += int(active.sum())
             if worker:
-                worker.submit(next_tokens)  # the small models step while the base does
-            logits = {key: runner.step(next_tokens) for key, runner in runners.items()}
+                worker.submit(tokens)  # the small models step while the base does
+            logits = {key: runner.step(tokens) for key, runner in runners.items()}
             if worker:
                 logits.update(worker.collect())
+        self._count_forwards(runners, stats)
+        return [self._finish(p, ids, reason, rules, trace[row] if diagnostics else None)
+                for row, (p, ids, reason) in enumerate(zip(prompts, new_ids, reasons))]
 
-        for key, runner in runners.items():
-            name = "base" if key == base_key else f"stream{list(runners).index(key)}"
+    def _count_forwards(self, runners: dict, stats: DecodeStats) -> None:
+        for i, (key, runner) in enumerate(runners.items()):
+            name = "base" if key == self.base_key else f"stream{i}"
             stats.per_model_forwards[name] = stats.per_model_forwards.get(name, 0) + runner.forwards
-        return [
-            self._finish(prompt, seq[row, prompt_width : prompt_width + int(lengths[row])].tolist(),
-                         reasons[row], settings.stop, trace[row] if diagnostics else None)
-            for row, prompt in enumerate(prompts)
-        ]
 
-    def _record(self, trace, unfinished, next_tokens, base_logits, scores, stats) -> None:
-        diag = token_diagnostics(base_logits[:, : self.vocab_size].float(), scores)
-        rows = unfinished.nonzero().flatten().tolist()
+    def _record(self, trace, active, tokens, base_scores, scores, stats) -> None:
+        diag = token_diagnostics(base_scores.float(), scores)
+        rows = active.nonzero().flatten().tolist()
         for row in rows:
             trace[row].append(
                 {
-                    "token_id": int(next_tokens[row]),
+                    "token_id": int(tokens[row]),
                     "base_top_id": int(diag["base_top"][row]),
                     "proxy_top_id": int(diag["proxy_top"][row]),
                     "base_top": self.tokenizer.convert_ids_to_tokens(int(diag["base_top"][row])),
@@ -421,31 +340,27 @@ class ProxyEngine:
                 }
             )
         stats.diagnosed_tokens += len(rows)
-        stats.changed_tokens += int(diag["changed"][unfinished].sum())
+        stats.changed_tokens += int(diag["changed"][active].sum())
 
-    def _finish(self, prompt, new_ids, reason, stop, trace) -> Generation:
-        kept = new_ids[:-1] if reason == "eos" else new_ids
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+    def _finish(self, prompt, new_ids, reason, rules: DecodeRules, trace) -> Generation:
+        text = generated_text(self.tokenizer, new_ids)
         if reason == "stop":
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
+            text = cut_at_stop(text, rules.stop_strings.stop)
+        kept = new_ids[:-1] if reason == "eos" else new_ids
         return Generation(prompt=prompt, text=text, token_ids=kept, finish_reason=reason, diagnostics=trace)
 
     # -- scoring ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[dict]:
         """Log-likelihood of each continuation after its prompt under the proxy distribution.
 
         Returns, per pair, {"logprob": sum over the continuation's tokens, "num_tokens", "is_greedy"}.
-        The continuation's tokens are those that `prompt + continuation` adds to `prompt`'s encoding.
+        The continuation's tokens are those that `prompt + continuation` adds to `prompt`'s encoding; an
+        empty prompt is conditioned on BOS (EOS where there is none).
         """
         if len(prompts) != len(continuations):
             raise UserError("score() needs as many continuations as prompts")
-        results = []
-        for i in range(0, len(prompts), batch_size):
-            results += self._score_batch(prompts[i : i + batch_size], continuations[i : i + batch_size])
-        return results
+        requests = [(p, self.encode(p), self.continuation_ids(p, c)) for p, c in zip(prompts, continuations)]
+        return self.score_tokens(requests, batch_size)
 
     def continuation_ids(self, prompt: str, continuation: str) -> list[int]:
         whole = self.tokenizer(prompt + continuation)["input_ids"]
@@ -454,26 +369,32 @@ class ProxyEngine:
             return self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         return whole[len(head):]
 
-    def _score_batch(self, prompts, continuations) -> list[dict]:
-        streams, base_key, pair_keys = self._stream_plan()
-        conts = [self.continuation_ids(p, c) for p, c in zip(prompts, continuations)]
+    @torch.inference_mode()
+    def score_tokens(self, requests: Sequence[tuple[str | None, list[int], list[int]]], batch_size: int = 8
+                     ) -> list[dict]:
+        """Like `score`, for requests (context text or None, context ids, continuation ids) with ids in the
+        base's vocabulary: every stream that reads the prompt raw takes the context ids; a stream with its
+        own rendering reads the context text through it (the ids, where there is no text)."""
+        results = []
+        for i in range(0, len(requests), batch_size):
+            results += self._score_batch(requests[i : i + batch_size])
+        return results
+
+    def _score_batch(self, requests) -> list[dict]:
+        conts = [list(c) for _, _, c in requests]
         if any(len(c) == 0 for c in conts):
             raise UserError("a continuation to score encodes to no tokens")
         span = max(len(c) for c in conts)
         logits = {}
-        for key, model in streams.items():
-            rows = [self.encode(p, key[1]) + c for p, c in zip(prompts, conts)]
-            ids, mask = left_pad(rows, self.pad_id)
-            device = model_device(model)
-            mask = mask.to(device)
-            out = model(
-                input_ids=ids.to(device), attention_mask=mask, position_ids=positions_from_mask(mask),
-                logits_to_keep=span + 1,
-            )
+        for key, stream in self.streams.items():
+            rows = []
+            for (text, ctx, _), cont in zip(requests, conts):
+                head = stream.encode(text) if stream.fmt is not None and text is not None else list(ctx)
+                rows.append((head or stream.empty_prompt_ids) + cont)
+            ids, mask = left_pad(rows, stream.pad_id)
             # right-aligned rows: position -(n+1) predicts the continuation's first token in every stream
-            logits[key] = out.logits[:, -(span + 1) : -1]
-        scores = self.combine(logits, base_key, pair_keys)  # (B, span, V)
-        logprobs = torch.log_softmax(scores, dim=-1)
+            logits[key] = ModelStream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
+        logprobs = torch.log_softmax(self.combine(logits), dim=-1)  # (B, span, V)
         results = []
         for row, cont in enumerate(conts):
             n = len(cont)

@@ -1,19 +1,25 @@
-"""A finished job leaves `result.json` in its folder; running the same config there again returns it
-instead of redoing the work (how a re-run sweep skips its finished jobs)."""
+"""A finished job leaves `result.json` in its folder; running it there again returns that result instead
+of redoing the work (how a re-run sweep skips its finished jobs) only while its config and what it read
+are unchanged: the digest of its input files (prompts, task data, the models' weights, configs and
+cards) is part of the record, so an edited prompt file or a checkpoint retrained at the same path
+makes the job run again."""
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
 from proxy.io import atomic_write_json
 
 RESULT_FILE = "result.json"
-
+HASHED_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones (weights) by size and mtime
+# a checkpoint's card gains scores as evaluations finish; what of it matters to a run (the anti-expert,
+# the prompt format) enters the run's inputs by value instead (proxy.run.run_inputs)
+VOLATILE = {"card.json"}
 
 
 def safe_name(text: str, limit: int = 120) -> str:
@@ -35,7 +41,30 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def finished_result(out_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | None:
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size > HASHED_BYTES:
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def inputs_digest(inputs: Iterable[str | Path | None]) -> str:
+    """A digest of every file the inputs name (a file, or every file below a folder); an input that is no
+    local path (a hub id) counts by its name."""
+    h = hashlib.sha256()
+    for item in sorted({str(i) for i in inputs if i}):
+        path = Path(item).expanduser()
+        h.update(item.encode())
+        if path.is_file():
+            h.update(_file_digest(path).encode())
+        elif path.is_dir():
+            for f in sorted(p for p in path.rglob("*")
+                            if p.is_file() and not p.name.startswith(".") and p.name not in VOLATILE):
+                h.update(f"{f.relative_to(path)}={_file_digest(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def finished_result(out_dir: str | Path, cfg: DictConfig, digest: str = "") -> dict[str, Any] | None:
     path = Path(out_dir) / RESULT_FILE
     if not path.exists():
         return None
@@ -43,19 +72,21 @@ def finished_result(out_dir: str | Path, cfg: DictConfig) -> dict[str, Any] | No
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return saved["metrics"] if saved.get("config_hash") == config_hash(cfg) else None
+    same = saved.get("config_hash") == config_hash(cfg) and saved.get("inputs_digest", "") == digest
+    return saved["metrics"] if same else None
 
 
-def skip_if_finished(out_dir: str | Path, cfg: DictConfig, what: str) -> dict[str, Any] | None:
-    """The saved result of this job if it already finished with this config (and say so), else None."""
-    done = finished_result(out_dir, cfg)
+def skip_if_finished(out_dir: str | Path, cfg: DictConfig, what: str, digest: str = "") -> dict[str, Any] | None:
+    """The saved result of this job if it already finished with this config and these inputs (and say so)."""
+    done = finished_result(out_dir, cfg, digest)
     if done is not None:
         print(f"already done, skipping: {what}")
     return done
 
 
-def mark_finished(out_dir: str | Path, cfg: DictConfig, metrics: dict[str, Any]) -> None:
-    atomic_write_json(Path(out_dir) / RESULT_FILE, {"config_hash": config_hash(cfg), "metrics": metrics})
+def mark_finished(out_dir: str | Path, cfg: DictConfig, metrics: dict[str, Any], digest: str = "") -> None:
+    atomic_write_json(Path(out_dir) / RESULT_FILE,
+                      {"config_hash": config_hash(cfg), "inputs_digest": digest, "metrics": metrics})
 
 
 def hydra_output_dir() -> str:

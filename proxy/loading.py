@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.errors import UserError
+from proxy.placement import Machine, compute_dtype, decoding_device_map, training_device_map
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESET_DIR = CONF_DIR / "presets"
@@ -40,17 +41,23 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset(name: str) -> dict[str, Any] | None:
+    """A preset's settings (conf/presets/<name>.yaml), or None if `name` is not a preset."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if "/" in name or not path.exists():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> ModelSpec:
     """A preset name from conf/presets/ (e.g. `llama2-13b`), a registered checkpoint name, a local
     folder, or a hub id."""
     if not name_or_path or str(name_or_path) in ("???", "None"):
         raise UserError("no model given: pass a preset name, a local checkpoint folder or a hub id")
     name_or_path = str(name_or_path)
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and preset.exists():
-        data = OmegaConf.to_container(OmegaConf.load(preset), resolve=True)
-        data = {k: v for k, v in data.items() if k in {f.name for f in fields(ModelSpec)}}
-        spec = ModelSpec(**data)
+    data = preset(name_or_path)
+    if data is not None:
+        spec = ModelSpec(**{k: v for k, v in data.items() if k in {f.name for f in fields(ModelSpec)}})
     elif not Path(name_or_path).expanduser().exists():
         from training.registry import resolve
 
@@ -58,6 +65,12 @@ def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) 
     else:
         spec = ModelSpec(path=name_or_path)
     return spec.with_overrides(overrides)
+
+
+def model_paths(*names: str | None) -> list[str]:
+    """Where each named model lives (a preset's or registered name's folder or hub id; a path as given):
+    what a job's inputs digest reads."""
+    return [resolve_spec(str(n)).path for n in names if n]
 
 
 def looks_local(path: str) -> bool:
@@ -103,18 +116,17 @@ def torch_dtype(name: str | None) -> torch.dtype | str:
     return dtype
 
 
-def quantization_config(spec: ModelSpec):
+def quantization_config(spec: ModelSpec, machine: Machine):
     if spec.quantization is None:
         return None
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch_dtype(spec.dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=spec.quantization,
-        bnb_4bit_compute_dtype=compute if isinstance(compute, torch.dtype) else torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype(torch_dtype(spec.dtype), machine),
         bnb_4bit_use_double_quant=True,
     )
 
@@ -138,19 +150,27 @@ def load_tokenizer(spec: ModelSpec | str):
     return tokenizer
 
 
-def load_model(spec: ModelSpec | str, *, for_training: bool = False):
-    """Load a causal LM for inference (eval mode, no grad) or, with for_training, as it is."""
+def load_model(spec: ModelSpec | str, *, for_training: bool = False, role: str = "base",
+               machine: Machine | None = None):
+    """Load a causal LM for decoding in `role` (base, expert or anti_expert: eval mode, no grad, placed by
+    `proxy.placement`) or, with for_training, as it is, for the Trainer to place."""
     from transformers import AutoModelForCausalLM
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_spec(spec)
     check_spec(spec)
+    machine = machine or Machine.here()
     kwargs: dict[str, Any] = {"dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
-    quant = quantization_config(spec)
+    quant = quantization_config(spec, machine)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = spec.device_map or ("auto" if torch.cuda.is_available() else "cpu")
-    elif spec.device_map:
-        kwargs["device_map"] = spec.device_map
+    if for_training:
+        device_map = training_device_map(spec.device_map, quant is not None, machine)
+    else:
+        device_map = decoding_device_map(role, spec.device_map, machine)
+    if device_map is None and quant is not None:
+        device_map = "cpu"  # bitsandbytes places what it quantizes
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     try:
@@ -161,8 +181,3 @@ def load_model(spec: ModelSpec | str, *, for_training: bool = False):
         model.eval()
         model.requires_grad_(False)
     return model
-
-
-def model_device(model) -> torch.device:
-    """The device of the input embeddings, where input ids must go."""
-    return model.get_input_embeddings().weight.device

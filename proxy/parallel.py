@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from proxy.engine import ModelStream
+from proxy.streams import ModelStream
 from proxy.errors import UserError
 
 
@@ -23,9 +23,8 @@ def parallel_available() -> bool:
     return (os.cpu_count() or 1) > 1 and not torch.cuda.is_initialized() and "fork" in mp.get_all_start_methods()
 
 
-def _serve(conn, models: dict, vocab_size: int) -> None:
+def _serve(conn, models: dict) -> None:
     torch.set_num_threads(1)
-    keys = list(models)
     streams = {key: ModelStream(model) for key, model in models.items()}
     out = tokens = None
     while True:
@@ -34,14 +33,16 @@ def _serve(conn, models: dict, vocab_size: int) -> None:
             if msg[0] == "prefill":
                 padded = msg[1]
                 batch = next(iter(padded.values()))[0].shape[0]
-                out = torch.empty(len(keys), batch, vocab_size).share_memory_()
+                first = {key: streams[key].prefill(*padded[key]) for key in streams}
+                # one buffer per model at its own logit width (ids past the shared vocabulary may be folded)
+                out = {key: torch.empty(lg.shape).share_memory_() for key, lg in first.items()}
+                for key, lg in first.items():
+                    out[key].copy_(lg)
                 tokens = torch.zeros(batch, dtype=torch.long).share_memory_()
-                for i, key in enumerate(keys):
-                    out[i].copy_(streams[key].prefill(*padded[key])[:, :vocab_size])
                 conn.send(("ok", out, tokens))
             elif msg[0] == "step":
-                for i, key in enumerate(keys):
-                    out[i].copy_(streams[key].step(tokens)[:, :vocab_size])
+                for key, stream in streams.items():
+                    out[key].copy_(stream.step(tokens))
                 conn.send(("ok",))
             else:
                 return
@@ -52,13 +53,13 @@ def _serve(conn, models: dict, vocab_size: int) -> None:
 class ParallelStreams:
     """Streams of the given models (key -> model) served by one forked worker process."""
 
-    def __init__(self, models: dict, vocab_size: int):
+    def __init__(self, models: dict):
         if not parallel_available():
             raise UserError("proxy.parallel needs a CPU machine with more than one core (and no CUDA in use)")
         ctx = mp.get_context("fork")
         self.keys = list(models)
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, models, vocab_size), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, models), daemon=True)
         self.proc.start()
         self.out = self.tokens = None
 
@@ -72,7 +73,7 @@ class ParallelStreams:
         """Prefill every stream with its (ids, mask); return their last logits, key -> (B, V)."""
         self.conn.send(("prefill", {key: padded[key] for key in self.keys}))
         _, self.out, self.tokens = self._reply()
-        return {key: self.out[i].clone() for i, key in enumerate(self.keys)}
+        return {key: buf.clone() for key, buf in self.out.items()}
 
     def submit(self, tokens: torch.Tensor) -> None:
         """Start one step on the worker; `collect` waits for it."""
@@ -81,7 +82,7 @@ class ParallelStreams:
 
     def collect(self) -> dict:
         self._reply()
-        return {key: self.out[i].clone() for i, key in enumerate(self.keys)}
+        return {key: buf.clone() for key, buf in self.out.items()}
 
     def close(self) -> None:
         if self.proc.is_alive():

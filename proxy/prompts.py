@@ -21,3 +21,13 @@ def render(prompt: str, prompt_format: str | None, tokenizer=None) -> str:
     if "{prompt}" not in prompt_format:
         raise UserError(f"prompt format {prompt_format!r} has no {{prompt}} field; use e.g. 'Q: {{prompt}}\\nA:'")
     return prompt_format.replace("{prompt}", prompt)
+
+
+def chat_expected(expert_tokenizer, anti_tokenizer, expert_ends, anti_ends) -> bool:
+    """Whether an expert is a chat model steered against the base it was tuned from (Llama-2-chat against
+    Llama-2, Qwen2.5-Instruct against Qwen2.5): it has a chat template, and its template or the ids that
+    end its turns differ from the anti-expert's. Such an expert reads prompts as a user turn, as in the paper."""
+    template = getattr(expert_tokenizer, "chat_template", None)
+    if not template:
+        return False
+    return template != getattr(anti_tokenizer, "chat_template", None) or set(expert_ends) != set(anti_ends)

@@ -7,6 +7,8 @@ Writes generations.jsonl (one record per prompt) in the run folder and logs the 
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, check_alpha
 from proxy.errors import UserError, exit_on_user_error
 from proxy.io import read_jsonl, write_jsonl
-from proxy.jobs import hydra_output_dir, mark_finished, skip_if_finished
-from proxy.loading import PRESET_DIR, load_model, load_tokenizer, resolve_spec
+from proxy.jobs import hydra_output_dir, inputs_digest, mark_finished, skip_if_finished
+from proxy.loading import load_model, load_tokenizer, model_paths, preset, resolve_spec
+from proxy.prompts import CHAT, chat_expected
+from proxy.tracking import tracked
+from proxy.vocab import end_ids
 
 
 def looks_like_hub_id(name: str) -> bool:
     """owner/name that is not a local path, or a preset (which names a hub id)."""
-    return (PRESET_DIR / f"{name}.yaml").exists() or (
+    return preset(name) is not None or (
         name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists())
-from proxy.tracking import tracked
 
 
 @dataclass
@@ -80,44 +84,65 @@ def resolve_pairs(cfg: DictConfig) -> list[ResolvedPair]:
 
 def generation_settings(gen: DictConfig) -> GenerationSettings:
     data = OmegaConf.to_container(gen, resolve=True)
-    data["stop"] = list(data.get("stop") or [])
+    data["config"] = dict(data.get("config") or {})
+    known = {f.name for f in dataclasses.fields(GenerationSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"unknown generation option(s) {unknown}; known: {sorted(known)} "
+                        "(any other transformers GenerationConfig field goes under generation.config.<name>)")
     return GenerationSettings(**data)
 
 
-def build_engine(cfg: DictConfig) -> tuple[ProxyEngine, list[ResolvedPair]]:
-    """Load the base and every expert/anti-expert (each once), check their tokenizers, build the engine:
-    the plain one, or the speculative one with `proxy.speculative.k`; with `proxy.shared_pair`, an
-    unmerged LoRA expert serves as its own anti-expert (one small model)."""
-    pairs = resolve_pairs(cfg)
+def expert_format(pair: ResolvedPair, expert_tok, anti_tok, expert_model, anti_model) -> str | None:
+    """How the expert reads prompts: as its card or the user says, as its preset says, else through its
+    chat template when it is a chat model steered against its base (said once on stderr), else raw."""
+    fmt = pair.expert_format or (preset(pair.expert) or {}).get("prompt_format")
+    if fmt is not None:
+        return fmt
+    if chat_expected(expert_tok, anti_tok, end_ids(expert_model, expert_tok), end_ids(anti_model, anti_tok)):
+        print(f"expert '{pair.name}' is a chat model: it reads each prompt as a user turn of its chat template "
+              "(proxy.expert_format='{prompt}' feeds it raw prompts)", file=sys.stderr)
+        return CHAT
+    return None
+
+
+def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tuple[ProxyEngine, list[ResolvedPair]]:
+    """Load the base and every expert/anti-expert (each once, each placed by proxy.placement), with each
+    model's own tokenizer, and build the engine: the plain one, or the speculative one with
+    `proxy.speculative.k`; with `proxy.shared_pair`, an unmerged LoRA expert serves as its own anti-expert.
+    `pairs`: the configured pairs, if already resolved."""
+    pairs = resolve_pairs(cfg) if pairs is None else pairs
     base_spec = resolve_spec(cfg.base, cfg.load.base)
     tokenizer = load_tokenizer(base_spec)
-    base = load_model(base_spec)
     shared = bool(cfg.proxy.get("shared_pair")) and len(pairs) > 0
-    specs = {}
+    roles = {}
     for p in pairs[1:] if shared else pairs:
-        specs[p.expert] = resolve_spec(p.expert, cfg.load.expert)
-        specs.setdefault(p.anti_expert, resolve_spec(p.anti_expert, cfg.load.anti_expert))
-    own_tokenizers = {name: load_tokenizer(spec) for name, spec in specs.items()}
-    tokenizers = {f"model '{name}'": tok for name, tok in own_tokenizers.items()}
-    models = {name: load_model(spec) for name, spec in specs.items()}
+        roles.setdefault(p.expert, ("expert", resolve_spec(p.expert, cfg.load.expert)))
+        roles.setdefault(p.anti_expert, ("anti_expert", resolve_spec(p.anti_expert, cfg.load.anti_expert)))
+    tokenizers = {name: load_tokenizer(spec) for name, (_, spec) in roles.items()}
+    base = load_model(base_spec, role="base")
+    models = {name: load_model(spec, role=role) for name, (role, spec) in roles.items()}
     steering = []
     for i, p in enumerate(pairs):
         if shared and i == 0:
             from proxy.shared_pair import adapter_tokenizer, load_shared_pair
 
-            tokenizers[f"expert '{p.name}' (shared pair)"] = adapter_tokenizer(p.expert)
-            pair_model = load_shared_pair(p.expert)
-            steering.append(SteeringPair(pair_model, pair_model, p.alpha, p.expert_format, p.name, shared=True))
-        else:
-            steering.append(SteeringPair(models[p.expert], models[p.anti_expert], p.alpha, p.expert_format, p.name,
-                                         tokenizer=own_tokenizers[p.expert]))
+            tok = adapter_tokenizer(p.expert)
+            pair_model = load_shared_pair(p.expert, cfg.load.expert.get("device_map"))
+            steering.append(SteeringPair(pair_model, pair_model, p.alpha, p.expert_format, p.name, shared=True,
+                                         tokenizer=tok, anti_tokenizer=tok))
+            continue
+        expert, anti = models[p.expert], models[p.anti_expert]
+        fmt = expert_format(p, tokenizers[p.expert], tokenizers[p.anti_expert], expert, anti)
+        steering.append(SteeringPair(expert, anti, p.alpha, fmt, p.name, tokenizer=tokenizers[p.expert],
+                                     anti_tokenizer=tokenizers[p.anti_expert]))
     k = (cfg.proxy.get("speculative") or {}).get("k")
+    parallel = bool(cfg.proxy.get("parallel"))
     if k is not None and steering:
         from proxy.speculative import SpeculativeProxyEngine
 
-        return SpeculativeProxyEngine(base, tokenizer, steering, tokenizers=tokenizers, k=k,
-                                      parallel=bool(cfg.proxy.get("parallel"))), pairs
-    return ProxyEngine(base, tokenizer, steering, tokenizers=tokenizers, parallel=bool(cfg.proxy.get("parallel"))), pairs
+        return SpeculativeProxyEngine(base, tokenizer, steering, k=k, parallel=parallel), pairs
+    return ProxyEngine(base, tokenizer, steering, parallel=parallel), pairs
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -126,18 +151,27 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [str(r["prompt"]) for r in read_jsonl(cfg.prompts, required=["prompt"])]
 
 
+def run_inputs(cfg: DictConfig, pairs: list[ResolvedPair], *files: str | None) -> str:
+    """The digest of what a run reads: the given files, every model's folder, and what the cards said."""
+    models = model_paths(cfg.base, *[name for p in pairs for name in (p.expert, p.anti_expert)])
+    said = [f"pair:{p.expert}|{p.anti_expert}|{p.expert_format}" for p in pairs]
+    return inputs_digest([*files, *models, *said])
+
+
 def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     """Decode the prompts; write generations.jsonl into out_dir; return the run's metrics."""
     out_dir = out_dir or hydra_output_dir()
-    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / "generations.jsonl"))
-    if done is not None:
-        return done
     if not cfg.get("expert"):
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
+    pairs = resolve_pairs(cfg)
+    digest = run_inputs(cfg, pairs, cfg.get("prompts"))
+    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / "generations.jsonl"), digest)
+    if done is not None:
+        return done
     settings = generation_settings(cfg.generation)
     prompts = read_prompts(cfg)
     with tracked(cfg, job_type="proxy", run_dir=out_dir) as tracker:
-        engine, pairs = build_engine(cfg)
+        engine, pairs = build_engine(cfg, pairs)
         gens = engine.generate(prompts, settings, diagnostics=cfg.proxy.diagnostics)
         stats = engine.last_stats
         records = []
@@ -161,7 +195,7 @@ def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
                 metrics[key] = round(getattr(stats, key), 4)
         tracker.summary(metrics)
         tracker.table("generations", [{k: r[k] for k in ("prompt", "generation")} for r in records])
-        mark_finished(out_dir, cfg, metrics)
+        mark_finished(out_dir, cfg, metrics, digest)
     print(f"wrote {len(records)} generations to {out_path}")
     return metrics
 

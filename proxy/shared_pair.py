@@ -39,6 +39,8 @@ class SharedLoraPair(torch.nn.Module):
         rows = input_ids.shape[0]
 
         def twice(t):
+            if isinstance(t, dict):  # one mask per attention kind
+                return {kind: twice(mask) for kind, mask in t.items()}
             return None if t is None else torch.cat([t, t], 0)
 
         out = self.model(
@@ -57,12 +59,19 @@ def check_adapter_folder(adapter_path: str) -> Path:
     return folder
 
 
-def load_shared_pair(adapter_path: str, **load_kwargs) -> SharedLoraPair:
-    """Load an unmerged LoRA checkpoint folder (adapter_config.json beside the adapter) as a shared pair."""
+def load_shared_pair(adapter_path: str, device_map=None) -> SharedLoraPair:
+    """Load an unmerged LoRA checkpoint folder (adapter_config.json beside the adapter) as a shared pair,
+    placed as an expert is (proxy.placement)."""
     from peft import AutoPeftModelForCausalLM
 
+    from proxy.placement import Machine, decoding_device_map
+
     check_adapter_folder(adapter_path)
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_path, **load_kwargs).eval()
+    kwargs = {}
+    device_map = decoding_device_map("expert", device_map, Machine.here())
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_path, **kwargs).eval()
     model.requires_grad_(False)
     return SharedLoraPair(model)
 

@@ -1,4 +1,5 @@
-"""One W&B run per stage (offline without a key), always closed; `logger=none` turns it off."""
+"""One W&B run per stage, always closed: online where a W&B login is found (however it was made), offline
+without one, and off with `logger=none`."""
 from __future__ import annotations
 
 import contextlib
@@ -59,6 +60,19 @@ class Tracker:
         return f"{name}:latest"
 
 
+def logged_in() -> bool:
+    """Whether wandb finds credentials: WANDB_API_KEY or an identity token file in the environment, or
+    the ~/.netrc entry (or $NETRC's) that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    from wandb.sdk.lib import wbauth
+
+    try:
+        return bool(wbauth.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
+    except Exception:  # a malformed entry: stay offline rather than fail the job over logging
+        return False
+
+
 def _group() -> str | None:
     """The sweep's folder name in a Hydra multirun, so its jobs are grouped; None in a single run."""
     try:
@@ -77,12 +91,13 @@ def _group() -> str | None:
 def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None) -> Iterator[Tracker]:
     """Open one W&B run with the resolved config for a stage, and close it whatever happens."""
     logger = cfg.get("logger") or {}
-    if not logger or logger.get("name", "none") == "none":
+    # under a distributed launch only the first process logs (the others' metrics are the same run's)
+    if not logger or logger.get("name", "none") == "none" or int(os.environ.get("RANK", "0") or 0) > 0:
         yield Tracker()
         return
     import wandb
 
-    if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
+    if os.environ.get("WANDB_MODE") is None and not logged_in():
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(

@@ -1,9 +1,10 @@
-"""The vocabulary that a base, its experts and anti-expert share, and tokenizer fingerprints."""
+"""The vocabulary that a base, its experts and anti-experts share; the ids each of them ends on; and
+tokenizer fingerprints."""
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from proxy.errors import UserError
 
@@ -24,8 +25,9 @@ def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[st
     """The number of leading token ids on which every tokenizer agrees, or a UserError naming the
     first token that differs.
 
-    A tuned model with one extra pad token, or a model whose embedding matrix is padded past its
-    tokenizer (Qwen-style), still shares the base's range; logits are cut to it before combining.
+    Tokenizers may differ past that range (a tuned model's added pad or chat tokens), in the padding of
+    their embedding matrix (Qwen-style), and in which token ends a sequence (a base and its instruct
+    model); logits are cut to the shared range before combining.
     `tokenizers` maps a role (e.g. "base", "expert 'path'") to its tokenizer; the first is the reference.
     """
     roles = list(tokenizers)
@@ -42,12 +44,28 @@ def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[st
                     f"{other[i]!r} there and {ref[i]!r} in the {ref_role}; proxy-tuning needs models "
                     "that share one tokenizer (use an expert tuned from a model of the base's family)"
                 )
-    eos = {role: tokenizers[role].eos_token_id for role in roles}
-    if len(set(eos.values())) > 1:
-        raise UserError(f"the models disagree on the end-of-sequence token id: {eos}")
     for role, width in (logit_widths or {}).items():
         if width < size:
             raise UserError(
                 f"{role} outputs {width} logits but its tokenizer has {size} tokens; the checkpoint is broken"
             )
     return size
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def end_ids(model, tokenizer) -> list[int]:
+    """The ids a model ends on: its tokenizer's EOS and every id its generation config stops at
+    (Llama-3-Instruct: <|eot_id|> and <|eom_id|>; Gemma-2-it: <end_of_turn>; Qwen-Instruct: <|im_end|>)."""
+    gen = getattr(model, "generation_config", None)
+    ids = _ids(getattr(gen, "eos_token_id", None)) + _ids(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def stop_set(ends: Iterable[Iterable[int]], vocab_size: int) -> list[int]:
+    """Every id that any model in the run ends on, within the shared vocabulary."""
+    return sorted({i for model_ends in ends for i in model_ends if 0 <= i < vocab_size})

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from proxy.engine import GenerationSettings, ModelStream, ProxyEngine, SteeringPair, left_pad, positions_from_mask
+from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
+from proxy.streams import ModelStream, left_pad, positions_from_mask
 from proxy.errors import UserError, exit_on_user_error
 from proxy.io import read_jsonl
 from proxy.loading import load_model, load_tokenizer, resolve_spec

@@ -106,6 +106,14 @@ def tiny_family(tmp_path_factory) -> TinyFamily:
 
 
 @pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Tiny random checkpoints of every family people proxy-tune (tests/zoo.py), built once."""
+    from zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
 def models(tiny_family):
     """The family loaded once for the session (eval mode, no grad): the tokenizer and three models."""
     from proxy.loading import load_model, load_tokenizer

@@ -1,5 +1,5 @@
-"""The multi-GPU launch configs in conf/accelerate/ parse with accelerate's own loader and launcher, and
-`accelerate launch` runs the training entry point (on one CPU process here)."""
+"""The multi-GPU launch configs in conf/accelerate/ parse with accelerate's own loader and launcher, FSDP
+wraps each family's own decoder layer, and `accelerate launch` trains over two processes (CPU, gloo)."""
 from __future__ import annotations
 
 import json
@@ -44,18 +44,37 @@ def test_config_parses_with_accelerate_and_every_nested_key_is_a_launch_option(n
     assert args.mixed_precision == "bf16"
 
 
-def test_fsdp_shards_fully_wraps_llama_layers_and_checkpoints_activations():
+@pytest.mark.parametrize("family, layer", [("qwen2", "Qwen2DecoderLayer"), ("pythia", "GPTNeoXLayer"),
+                                           ("gemma2", "Gemma2DecoderLayer")])
+def test_fsdp_shards_fully_wraps_each_family_s_own_layers_and_checkpoints_activations(zoo, family, layer):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from proxy.loading import load_model
 
     args, _ = launch_args("fsdp")
     with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):  # the environment each rank would get
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # full shard
-    assert plugin.transformer_cls_names_to_wrap == [LlamaDecoderLayer.__name__]
+    assert plugin.transformer_cls_names_to_wrap is None  # not a Llama class: the model's own, at wrap time
+    plugin.set_auto_wrap_policy(load_model(getattr(zoo[family], "anti"), for_training=True))
+    assert plugin.transformer_cls_names_to_wrap == [layer]
     assert plugin.activation_checkpointing is True
     assert "training.activation_checkpointing=false" in (CONFIGS / "fsdp.yaml").read_text()  # transformers 5 refuses both
+
+
+def test_the_trainer_s_arguments_exist_before_the_model_loads(tiny_family, tmp_path, monkeypatch):
+    """Under ZeRO-3, TrainingArguments set up DeepSpeed's partitioned loading; they must come first."""
+    from helpers import FIXTURES, make_cfg
+    from training import common
+
+    order = []
+    for name in ("trainer_config", "load_model"):
+        real = getattr(common, name)
+        monkeypatch.setattr(common, name, lambda *a, _real=real, _name=name, **k: (order.append(_name), _real(*a, **k))[1])
+    common.train(make_cfg("sft", tiny_family.small, tmp_path, "+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}",
+                          steps=1), "sft")
+    assert order[:2] == ["trainer_config", "load_model"]
 
 
 def test_deepspeed_zero3_partitions_at_init_and_saves_a_16bit_model():
@@ -66,18 +85,22 @@ def test_deepspeed_zero3_partitions_at_init_and_saves_a_16bit_model():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_runs_sft_on_one_cpu_process(tiny_family, tmp_path):
+def test_accelerate_launch_trains_a_qwen2_lora_expert_on_two_processes(zoo, tmp_path):
+    """Data-parallel over 2 CPU processes (gloo), no device map per process; one card, one registry entry."""
     task = ROOT / "tests" / "fixtures" / "plain.jsonl"
-    if not (ROOT / "training" / "sft.py").exists() or not task.exists():
-        pytest.skip("training/sft.py or its fixture is not there yet")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "ACCELERATE_USE_CPU": "true",
            "PROXY_REGISTRY": str(tmp_path / "registry.json")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-           "--cpu", "--num_processes", "1", "--mixed_precision", "no",
-           "-m", "training.sft", "+task=jsonl", f"task.path={task}", f"model={tiny_family.small}",
-           "training.max_steps=2", "logger=none", f"output_dir={tmp_path / 'job'}", f"paths.outputs={tmp_path}"]
+           "--num_processes", "2", "--mixed_precision", "no",
+           "-m", "training.sft", "+task=jsonl", f"task.path={task}", f"model={zoo['qwen2'].anti}", "peft=lora",
+           "training.max_steps=2", "training.per_device_train_batch_size=2", "logger=none",
+           f"output_dir={tmp_path / 'job'}", f"paths.outputs={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    model_dir = Path(proc.stdout.strip().splitlines()[-1])
-    card = json.loads((model_dir / "card.json").read_text())
-    assert card["metrics"]["steps"] == 2 and card["tuned_from"] == tiny_family.small
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.endswith("/job/model")]
+    assert len(lines) == 2  # both processes finished
+    card = json.loads((Path(lines[0]) / "card.json").read_text())
+    assert card["metrics"]["steps"] == 2 and card["tuned_from"] == zoo["qwen2"].anti
+    assert card["method"] == {"algorithm": "sft", "adaptation": "lora", "merged": True}
+    assert list(json.loads((tmp_path / "registry.json").read_text())) == [card["name"]]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, left_pad
+from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
+from proxy.streams import left_pad
 from proxy.errors import UserError
 from proxy.loading import load_model, load_tokenizer
 

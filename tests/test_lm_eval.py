@@ -1,4 +1,6 @@
-"""The `proxy` lm-eval model type on local JSONL tasks (tests/fixtures/lm_eval) with the tiny family."""
+"""The `proxy` lm-eval model type on local JSONL tasks (tests/fixtures/lm_eval): at alpha 0 it gives lm-eval's
+own `hf` model's numbers, request for request, on a BPE tokenizer with BOS and on a word-level one; steered,
+it answers with the engine's own scores and generations."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 
 import eval.lm_eval_proxy  # noqa: E402,F401  registers "proxy"
+from eval.lm_eval_cli import named  # noqa: E402
 from eval.lm_eval_proxy import ProxyLM  # noqa: E402
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair  # noqa: E402
 
@@ -20,50 +23,58 @@ TASKS = ["proxy_tiny_mc", "proxy_tiny_gen", "proxy_tiny_ppl"]
 MAX_LENGTH = 48  # below the longest perplexity text, so rolling windows are exercised
 
 
-def evaluate(tiny_family, alpha, tasks=TASKS):
+def evaluate(model: str, model_args: str, tasks=TASKS):
     from lm_eval.tasks import TaskManager
 
-    args = (f"base={tiny_family.large},expert={tiny_family.expert},anti_expert={tiny_family.small},"
-            f"alpha={alpha},max_length={MAX_LENGTH}")
-    return lm_eval.simple_evaluate(model="proxy", model_args=args, tasks=tasks, log_samples=True,
-                                   bootstrap_iters=0, task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, log_samples=True, batch_size=4,
+                                   bootstrap_iters=0, task_manager=TaskManager(include_path=str(TASKS_DIR),
+                                                                               include_defaults=False))
 
 
-@pytest.fixture(scope="module")
-def steered(tiny_family):
-    return evaluate(tiny_family, alpha=1.0)
+def proxy_args(base, expert, anti, alpha):
+    return f"base={base},expert={expert},anti_expert={anti},alpha={alpha},max_length={MAX_LENGTH}"
 
 
-def proxy_engine(models, alpha):
-    return ProxyEngine(models["large"], models["tok"], [SteeringPair(models["expert"], models["small"], alpha)])
-
-
-def base_engine(models):
-    return ProxyEngine(models["large"], models["tok"])
-
-
-def requests_and_answers(results, task):
-    """[(args, answer)] over every request lm-eval made for the task."""
+def answers(results, task) -> list[tuple[tuple, object]]:
+    """[(request arguments, answer)] over every request lm-eval made for the task, in order."""
     pairs = []
     for sample in results["samples"][task]:
         pairs += [(tuple(a), r[0]) for a, r in zip(sample["arguments"], sample["resps"])]
     return pairs
 
 
-def check_loglikelihoods(results, engine):
-    pairs = requests_and_answers(results, "proxy_tiny_mc")
-    assert len(pairs) == 10  # 3 + 2 + 3 + 2 choices
-    direct = engine.score([a[0] for a, _ in pairs], [a[1] for a, _ in pairs])
-    for (args, (logprob, greedy)), want in zip(pairs, direct):
-        assert logprob == pytest.approx(want["logprob"], rel=1e-5, abs=1e-5), args
-        assert greedy == want["is_greedy"]
+def assert_same_answers(got, want):
+    for task in TASKS:
+        g, w = answers(got, task), answers(want, task)
+        assert [a for a, _ in g] == [a for a, _ in w] and g, task
+        for (args, x), (_, y) in zip(g, w):
+            if isinstance(y, str):
+                assert x == y, (task, args)
+            elif isinstance(y, float):
+                assert float(x) == pytest.approx(y, abs=1e-5), (task, args)
+            else:  # (log-likelihood, is greedy)
+                assert float(x[0]) == pytest.approx(float(y[0]), abs=1e-5) and bool(x[1]) == bool(y[1]), (task, args)
 
 
-def check_generations(results, engine):
-    pairs = requests_and_answers(results, "proxy_tiny_gen")
-    settings = GenerationSettings(max_new_tokens=6, stop=["\n", "."])
-    direct = engine.generate([a[0] for a, _ in pairs], settings)
-    assert [text for _, text in pairs] == [g.text for g in direct]
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama2", "wordlevel"])
+def test_alpha_zero_gives_the_hf_model_s_numbers(zoo, family):
+    """Trailing spaces, an empty context, rolling windows past max_length, stop strings: all as `hf` does."""
+    f = zoo[family]
+    want = evaluate("hf", f"pretrained={f.base},dtype=float32,device=cpu,max_length={MAX_LENGTH}")
+    got = evaluate("proxy", proxy_args(f.base, f.expert, f.anti, 0.0))
+    assert_same_answers(got, want)
+    contexts = [a[0] for a, _ in answers(got, "proxy_tiny_mc")]
+    assert "" in contexts and any(c.endswith(" ") for c in contexts)
+
+
+@pytest.fixture(scope="module")
+def steered(tiny_family):
+    return evaluate("proxy", proxy_args(tiny_family.large, tiny_family.expert, tiny_family.small, 1.0))
+
+
+def proxy_engine(models, alpha):
+    return ProxyEngine(models["large"], models["tok"], [SteeringPair(models["expert"], models["small"], alpha)])
 
 
 def test_every_task_runs_and_reports_its_metric(steered):
@@ -73,50 +84,54 @@ def test_every_task_runs_and_reports_its_metric(steered):
     assert res["proxy_tiny_ppl"]["word_perplexity,none"] > 1.0
 
 
-def test_loglikelihood_is_the_engine_score(steered, models):
-    check_loglikelihoods(steered, proxy_engine(models, 1.0))
+def test_loglikelihood_is_the_engine_score_of_lm_eval_s_tokens(steered, models):
+    lm = ProxyLM(engine=proxy_engine(models, 1.0), max_length=MAX_LENGTH)
+    pairs = answers(steered, "proxy_tiny_mc")
+    assert len(pairs) == 14  # 3 + 2 + 3 + 2 + 2 + 2 choices
+    for (context, continuation), (logprob, greedy) in pairs:
+        ctx, cont = lm._encode_pair(context, continuation) if context else ([lm.prefix_token_id], lm.tok_encode(
+            continuation, add_special_tokens=False))
+        want = lm.engine.score_tokens([(context, ctx, cont)])[0]
+        assert logprob == pytest.approx(want["logprob"], abs=1e-5) and greedy == want["is_greedy"]
 
 
 def test_generate_until_is_the_engine_generate(steered, models):
-    check_generations(steered, proxy_engine(models, 1.0))
+    pairs = answers(steered, "proxy_tiny_gen")
+    settings = GenerationSettings(max_new_tokens=6, stop=["\n", "."], do_sample=False)
+    direct = proxy_engine(models, 1.0).generate([a[0] for a, _ in pairs], settings)
+    assert [text for _, text in pairs] == [g.text for g in direct]
 
 
-def test_rolling_scores_the_text_after_eos_in_windows(steered, models, tiny_family):
+def test_rolling_windows_cover_every_token_once(steered, models):
     lm = ProxyLM(engine=proxy_engine(models, 1.0), max_length=MAX_LENGTH)
     tok = models["tok"]
-    pairs = requests_and_answers(steered, "proxy_tiny_ppl")
-    assert len(pairs) == 3
-    windowed = 0
-    for (text,), total in pairs:
-        windows = lm.rolling_windows(text)
-        assert windows[0][0] == tok.eos_token  # the first token is conditioned on BOS/EOS
-        assert "".join(pred for _, pred in windows) == text  # every token predicted once
-        if len(tok(text)["input_ids"]) < MAX_LENGTH:
-            want = lm.engine.score([tok.eos_token], [text])[0]
-            assert want["num_tokens"] == len(tok(text)["input_ids"])
-            assert total == pytest.approx(want["logprob"], rel=1e-5)
-        else:
-            windowed += 1
-            assert len(windows) > 1
-            assert total == pytest.approx(sum(s["logprob"] for s in lm.engine.score(*zip(*windows))), rel=1e-5)
-    assert windowed == 1
+    pairs = answers(steered, "proxy_tiny_ppl")
+    longest = max((text for (text,), _ in pairs), key=lambda t: len(tok(t)["input_ids"]))
+    assert len(tok(longest)["input_ids"]) > MAX_LENGTH  # windowed
+    from lm_eval import utils
 
-
-def test_alpha_zero_is_the_base_alone(tiny_family, models):
-    results = evaluate(tiny_family, alpha=0.0, tasks=["proxy_tiny_mc", "proxy_tiny_gen"])
-    check_loglikelihoods(results, base_engine(models))
-    check_generations(results, base_engine(models))
+    windows = list(map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+        lm.tok_encode(longest), lm.prefix_token_id, MAX_LENGTH, 1)))
+    assert len(windows) > 1 and sum(len(p) for _, p in windows) == len(lm.tok_encode(longest))
+    want = sum(s["logprob"] for s in lm.engine.score_tokens([(None, c, p) for c, p in windows]))
+    assert dict(pairs)[(longest,)] == pytest.approx(want, abs=1e-4)
 
 
 def test_bad_model_arguments_are_refused_in_one_line(models, tiny_family):
     from proxy.errors import UserError
 
     with pytest.raises(UserError, match="unknown proxy model argument"):
-        ProxyLM(engine=base_engine(models), tempreature=0.5)
+        ProxyLM(engine=proxy_engine(models, 0.0), tempreature=0.5)
     with pytest.raises(UserError, match="anti_expert"):
         ProxyLM(base="tiny-large", expert=str(ROOT / "tests"))  # a folder without a card
     with pytest.raises(UserError, match="alpha must be a finite number"):
         ProxyLM(base=tiny_family.large, expert=tiny_family.expert, anti_expert=tiny_family.small, alpha=float("nan"))
+
+
+def test_the_cli_names_the_results_folder_after_the_configuration():
+    argv = named(["--model", "proxy", "--model_args", "base=/x/large,expert=/y/tiny-expert,alpha=0.5", "--tasks", "t"])
+    assert argv[3].endswith(",model=proxy-large-tiny-expert-alpha0.5")
+    assert named(["--model", "hf", "--model_args", "pretrained=x"]) == ["--model", "hf", "--model_args", "pretrained=x"]
 
 
 @pytest.mark.slow
@@ -126,8 +141,8 @@ def test_the_cli_wrapper_knows_the_proxy_model_type(tiny_family, tmp_path):
            "--tasks", "proxy_tiny_mc", "--include_path", str(TASKS_DIR), "--limit", "2",
            "--output_path", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "proxy_tiny_mc" in proc.stdout and "acc" in proc.stdout
-    assert list((tmp_path / "out").rglob("results_*.json"))
-
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert [p.parent.name for p in results] == ["proxy-large-expert-alpha0.5"]

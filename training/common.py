@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,7 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from proxy.errors import UserError
-from proxy.jobs import config_hash, mark_finished, skip_if_finished
+from proxy.io import atomic_write_json
+from proxy.jobs import config_hash, inputs_digest, mark_finished, skip_if_finished
 from proxy.loading import ModelSpec, check_spec, load_model, load_tokenizer, resolve_spec
 from proxy.tracking import tracked
 from proxy.vocab import tokenizer_fingerprint
@@ -154,6 +156,25 @@ def last_checkpoint(folder: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def resumable_checkpoint(out: Path, cfg: DictConfig, digest: str) -> str | None:
+    """The checkpoint to resume from: the newest one, if it was written by this config from these inputs.
+    Checkpoints from other inputs (data edited, the model retrained since) are removed, and the job
+    records what it starts from (`job.json`)."""
+    marker = out / "job.json"
+    started = {"config_hash": config_hash(cfg), "inputs_digest": digest}
+    try:
+        same = json.loads(marker.read_text()) == started
+    except (OSError, json.JSONDecodeError):
+        same = False
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under a distributed launch, one process tidies up
+        if not same:
+            for stale in out.glob("checkpoint-*"):
+                print(f"inputs changed since {stale} was written: starting over")
+                shutil.rmtree(stale, ignore_errors=True)
+        atomic_write_json(marker, started)
+    return last_checkpoint(out) if same else None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
@@ -173,7 +194,8 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
     spec = model_spec(cfg)
     name = cfg.get("name") or default_name(cfg, algorithm)
     out = job_dir(cfg, name)
-    done = skip_if_finished(out, cfg, str(out / "model"))
+    digest = inputs_digest([*tasks_lib.task_files(task), spec.path])
+    done = skip_if_finished(out, cfg, str(out / "model"), digest)
     if done is not None:
         return done
     examples = tasks_lib.examples(task, algorithm)
@@ -184,40 +206,44 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
             raise UserError(f"task '{task.name}' trains in chat format but the tokenizer of '{spec.path}' has no "
                             "chat template; set task.chat_template=<jinja template>")
         tokenizer.chat_template = task.chat_template
-    model = load_model(spec, for_training=True)
-    if lora is not None:
-        check_lora_targets(model, lora)
-        if spec.quantization:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(cfg.training.get("activation_checkpointing")))
-    resume = last_checkpoint(out)
+    resume = resumable_checkpoint(out, cfg, digest)
 
     import datasets
 
     dataset = datasets.Dataset.from_list(examples)
     with tracked(cfg, job_type=algorithm, run_dir=str(out)) as tracker:
+        # the trainer's arguments exist before the model loads, so that under `accelerate launch` with
+        # DeepSpeed ZeRO-3 the weights are partitioned as they load (no process holds the whole model)
         args = trainer_config(cfg, algorithm, out, report_to="wandb" if tracker.run is not None else "none")
+        model = load_model(spec, for_training=True)
+        if lora is not None:
+            check_lora_targets(model, lora)
+            if spec.quantization:
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=bool(cfg.training.get("activation_checkpointing")))
         trainer = _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callbacks)
         if resume:
             print(f"resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = training_metrics(trainer, result, resumed_from=resume)
         model_dir = save_checkpoint(cfg, trainer, tokenizer, spec, out)
-        card = make_card(cfg, algorithm, name, model_dir, tokenizer, metrics, tracker.info)
-        art = tracker.artifact(str(model_dir), _slug(name), "model",
-                               metadata={"tuned_from": card.tuned_from, "task": card.task, **card.method},
-                               link_to=cfg.get("link_to"))
-        if art:
-            card.wandb["artifact"] = art
-        register(card)
         metrics.update(path=str(model_dir.resolve()), name=name)
-        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    mark_finished(out, cfg, metrics)
-    if not cfg.training.get("keep_checkpoints"):
-        for ckpt in out.glob("checkpoint-*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        if trainer.is_world_process_zero():  # under `accelerate launch`, one process registers
+            card = make_card(cfg, algorithm, name, model_dir, tokenizer, metrics, tracker.info)
+            art = tracker.artifact(str(model_dir), _slug(name), "model",
+                                   metadata={"tuned_from": card.tuned_from, "task": card.task, **card.method},
+                                   link_to=cfg.get("link_to"))
+            if art:
+                card.wandb["artifact"] = art
+            register(card)
+            tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            mark_finished(out, cfg, metrics, digest)
+            if not cfg.training.get("keep_checkpoints"):
+                for ckpt in out.glob("checkpoint-*"):
+                    shutil.rmtree(ckpt, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
     return metrics
 
 
@@ -230,7 +256,9 @@ def _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callba
         return SFTTrainer(**common)
     # the reference is the model as it was before tuning: with LoRA, the same model with its adapter
     # off (ref_model=None); in full tuning, a frozen second copy
-    ref = None if lora is not None else load_model(spec, for_training=False)
+    ref = None
+    if lora is None:  # placed like the model to tune: by the trainer, which also freezes it
+        ref = load_model(spec, for_training=True).eval()
     return DPOTrainer(ref_model=ref, **common)
 
 
@@ -257,35 +285,41 @@ def merge_wanted(cfg: DictConfig) -> bool:
 
 
 def save_checkpoint(cfg: DictConfig, trainer, tokenizer, spec: ModelSpec, out: Path) -> Path:
-    """Write the checkpoint proxy.run loads into <job>/model: full weights, a merged LoRA, or the adapter."""
+    """Write the checkpoint proxy.run loads into <job>/model: full weights, a merged LoRA, or the adapter.
+
+    Every process calls the trainer's save (under FSDP or ZeRO-3 it gathers the shards); the first
+    process alone merges, copies and writes the tokenizer."""
     model_dir = out / "model"
-    if model_dir.exists():
+    main = trainer.is_world_process_zero()
+    if main and model_dir.exists():
         shutil.rmtree(model_dir)
+    trainer.accelerator.wait_for_everyone()
     if adaptation(cfg) == "full":
         trainer.save_model(str(model_dir))
     else:
         adapter_dir = out / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir))
-        if merge_wanted(cfg):
-            merged = merge_adapter(trainer.model, spec, adapter_dir)
+        trainer.save_model(str(adapter_dir))
+        if main and merge_wanted(cfg):
+            merged = merge_adapter(trainer.model, spec, adapter_dir, trainer.args.world_size)
             merged.save_pretrained(str(model_dir))
-        else:
+        elif main:
             # transformers loads an adapter folder as a model (it reads the base from adapter_config.json)
-            shutil.copytree(adapter_dir, model_dir)
-    tokenizer.save_pretrained(str(model_dir))
+            shutil.copytree(adapter_dir, model_dir, dirs_exist_ok=True)
+    if main:
+        tokenizer.save_pretrained(str(model_dir))
+    trainer.accelerator.wait_for_everyone()
     return model_dir
 
 
-def merge_adapter(peft_model, spec: ModelSpec, adapter_dir: Path):
-    """The base with the adapter folded in. A 4-bit base is reloaded unquantized first, so the merged
-    checkpoint is a plain model rather than a re-quantized approximation."""
-    if not spec.quantization:
+def merge_adapter(peft_model, spec: ModelSpec, adapter_dir: Path, world_size: int = 1):
+    """The base with the adapter folded in. In one process the adapter is folded into the trained model;
+    a 4-bit base, or a model sharded over processes, is reloaded whole and unquantized with the saved
+    adapter first, so the merged checkpoint is a plain full model."""
+    if not spec.quantization and world_size == 1:
         return peft_model.merge_and_unload()
     from peft import PeftModel
 
-    base = load_model(dataclasses.replace(spec, quantization=None,
-                                          device_map=spec.device_map if torch.cuda.is_available() else None),
-                      for_training=True)
+    base = load_model(dataclasses.replace(spec, quantization=None, device_map=None), for_training=True)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 

@@ -83,6 +83,14 @@ def _split_for(task: DictConfig, method: str) -> str | None:
     return task.get("split")
 
 
+def task_files(task: DictConfig) -> list[str]:
+    """The local files a task reads (none for a hub dataset)."""
+    local = task.get("data_files") or task.get("path")
+    if isinstance(local, Mapping):
+        return [str(v) for v in local.values() if v]
+    return [str(local)] if local else []
+
+
 def load_records(task: DictConfig, method: str = "sft") -> list[dict[str, Any]]:
     """The raw records of a task for a method (sft, dpo or eval): a local JSONL or a hub dataset split."""
     local = task.get("data_files") or task.get("path")

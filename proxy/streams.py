@@ -1,0 +1,167 @@
+"""One model reading one rendering of a batch of prompts, with its own KV cache.
+
+Rows are left-padded and each carries explicit position ids, so a row's tokens see exactly what they
+would see alone. Two things make that hold beyond plain causal attention:
+
+- Rolled-back slots (speculative decoding keeps a different number of drafts per row) stay in the
+  cache as holes, hidden by the attention mask.
+- Sliding-window layers (Mistral, Gemma-2, Qwen2 with `use_sliding_window`) count their window in
+  cache slots in transformers, which padding and holes would shift. Here every layer keeps its whole
+  past (a plain `DynamicLayer`, so a roll-back never meets a trimmed window), and while a stream has
+  padding or holes it gets its own 4-D masks whose window is counted in positions: token q sees key k
+  when k is real, pos(k) <= pos(q) and pos(q) - pos(k) < window, which is what a lone row sees.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+from proxy.errors import UserError
+
+SUPPORTED_LAYERS = {"full_attention", "sliding_attention"}
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and attention mask, rows aligned on the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded mask: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def model_device(model) -> torch.device:
+    """The device of the input embeddings, where input ids must go."""
+    return model.get_input_embeddings().weight.device
+
+
+class AttentionLayout:
+    """Which attention each layer of a model uses, read the way transformers' caches read it."""
+
+    def __init__(self, model):
+        config = model.config.get_text_config(decoder=True)
+        try:
+            types, kwargs = get_layer_types_and_kwargs(config)
+        except (AttributeError, TypeError):  # a remote-code config transformers cannot read
+            types, kwargs = ["full_attention"], [{}]
+        self.types = sorted(set(types))
+        windows = {kw.get("sliding_window") for t, kw in zip(types, kwargs) if t == "sliding_attention"}
+        self.window = min(windows) if windows else None
+        self.supported = set(types) <= SUPPORTED_LAYERS
+        # models with several attention kinds read a {layer type: mask} dict (Gemma-2, Qwen2)
+        self.mixed = len(set(types)) > 1
+
+    def check_rollback(self, what: str) -> None:
+        if not self.supported:
+            raise UserError(f"{what} needs a cache that can be rolled back; this model's layers are "
+                            f"{', '.join(self.types)} (supported: {', '.join(sorted(SUPPORTED_LAYERS))})")
+
+
+class ModelStream:
+    """One model reading one rendering of the prompts, with its own KV cache."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = model_device(model)
+        self.layout = AttentionLayout(model)
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, S) 1 for a real slot of the cache, 0 for padding or a hole
+        self.pos: torch.Tensor | None = None  # (B, S) position of each slot
+        self.next_pos: torch.Tensor | None = None  # (B, 1)
+        self.dense = False  # no padding and no holes: the model's own causal mask is the right one
+        self.forwards = 0
+
+    def _new_cache(self):
+        # full layers everywhere: a sliding layer trims its past, which neither padding nor a roll-back survives
+        if self.layout.supported:
+            return DynamicCache()
+        return DynamicCache(config=self.model.config)
+
+    def _attention(self, query_pos: torch.Tensor):
+        """What the model gets as attention_mask for queries at positions (B, n) over every slot."""
+        if self.dense:
+            return None  # spares building a mask per forward
+        if self.layout.window is None or not self.layout.supported:
+            return self.mask
+        dtype = self.model.get_input_embeddings().weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        real = self.mask.bool()[:, None, :]  # (B, 1, S)
+        past = self.pos[:, None, :] <= query_pos[:, :, None]  # (B, n, S)
+        causal = real & past
+        sliding = causal & (query_pos[:, :, None] - self.pos[:, None, :] < self.layout.window)
+
+        def additive(allowed):
+            return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, n, S)
+
+        if self.layout.mixed:
+            return {"full_attention": additive(causal), "sliding_attention": additive(sliding)}
+        return additive(sliding)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0):
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self._attention(positions),
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        self.forwards += 1
+        return out.logits
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, last: int = 1) -> torch.Tensor:
+        """Run the prompts; return the last position's logits (B, V), or the last `last` positions' (B, last, V)."""
+        self.cache = self._new_cache()
+        self.mask = mask.to(self.device)
+        self.pos = positions_from_mask(self.mask)
+        self.dense = bool(self.mask.all())
+        logits = self._forward(ids.to(self.device), self.pos, logits_to_keep=last)
+        self.next_pos = self.mask.sum(-1, keepdim=True)
+        return logits[:, -1] if last == 1 else logits[:, -last:]
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed n new tokens per row (B, n) at the next logical positions; return their logits (B, n, V)."""
+        tokens = tokens.to(self.device)
+        n = tokens.shape[1]
+        positions = self.next_pos + torch.arange(n, device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1]).expand(-1, n)], dim=-1)
+        self.pos = torch.cat([self.pos, positions], dim=-1)
+        logits = self._forward(tokens, positions)
+        self.next_pos = self.next_pos + n
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B,); return the next logits (B, V)."""
+        return self.feed(tokens[:, None])[:, -1]
+
+    @torch.inference_mode()
+    def keep(self, fed: int, valid: torch.Tensor) -> None:
+        """Of the last `fed` slots, keep the first `valid[r]` of each row (B,) and roll back the rest.
+
+        Rows keep different numbers, so a rejected slot stays in the cache masked out (a hole the
+        attention mask hides); the tail that no row keeps is cropped from the cache."""
+        if fed == 0:
+            return
+        valid = valid.to(self.device)
+        keep = torch.arange(fed, device=self.device)[None, :] < valid[:, None]
+        self.mask[:, -fed:] = keep.to(self.mask.dtype)
+        self.next_pos = self.next_pos - fed + valid[:, None]
+        drop = fed - int(valid.max())
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.mask = self.mask[:, :-drop]
+            self.pos = self.pos[:, :-drop]
+        self.dense = self.dense and bool(self.mask.all())
