@@ -24,7 +24,7 @@ demo: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo
 
 test: setup
-	WANDB_MODE=offline $(PY) -m pytest -q
+	WANDB_MODE=offline $(PY) -m pytest -q -n 2
 
 bench: setup
 	WANDB_MODE=offline $(PY) -m scripts.bench_decoding

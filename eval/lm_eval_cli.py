@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from proxy.errors import UserError
+from core.errors import UserError
 
 
 def named(argv: list[str]) -> list[str]:
@@ -31,8 +31,9 @@ def named(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    import eval.lm_eval_proxy  # noqa: F401  registers "proxy"
     from lm_eval.__main__ import cli_evaluate
+
+    import eval.lm_eval_proxy  # noqa: F401  registers "proxy"
 
     sys.argv = [sys.argv[0], *named(sys.argv[1:])]
     try:

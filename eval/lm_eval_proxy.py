@@ -42,8 +42,8 @@ from lm_eval.models.utils import (
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from core.errors import UserError
 from proxy.engine import GenerationSettings, ProxyEngine
-from proxy.errors import UserError
 
 ROLES = ("anti_expert", "expert", "base")  # anti_expert first: "anti_expert_dtype" also ends in "expert_dtype"
 LOAD_OPTIONS = ("dtype", "quantization", "device_map", "attn_implementation")

@@ -9,12 +9,12 @@ import re
 import string
 from typing import Callable, Iterable, Sequence
 
-from proxy.errors import UserError
+from core.errors import UserError
+from proxy.text import cut_at_stop
+from training.tasks import NUMBER, extract_gsm8k_answer
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
-# a number as people write it: optional sign and $, thousands commas, decimals
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
 
 
 def normalize_answer(text: str) -> str:
@@ -29,17 +29,6 @@ def _as_list(answers: str | Iterable[str] | None) -> list[str]:
     return [answers] if isinstance(answers, str) else [str(a) for a in answers]
 
 
-def cut_at_stop(text: str, stop: Sequence[str] = ()) -> str:
-    """The text before the first stop string (the answer part of a generation)."""
-    end = len(text)
-    for s in stop or ():
-        if s:
-            i = text.find(s)
-            if i != -1:
-                end = min(end, i)
-    return text[:end]
-
-
 def exact_match(prediction: str, answers: str | Iterable[str]) -> float:
     """1.0 if the normalized prediction equals any normalized answer (alias), else 0.0."""
     pred = normalize_answer(prediction)
@@ -50,7 +39,7 @@ def parse_number(text: str | None) -> float | None:
     """'1,234.50', '$12', '-3' -> a float; None if the text holds no number."""
     if text is None:
         return None
-    match = _NUMBER.search(str(text))
+    match = NUMBER.search(str(text))
     if match is None:
         return None
     cleaned = match.group(0).replace(",", "").replace("$", "").replace(" ", "")
@@ -58,22 +47,6 @@ def parse_number(text: str | None) -> float | None:
         return float(cleaned)
     except ValueError:
         return None
-
-
-def extract_gsm8k_answer(text: str) -> str | None:
-    """The final number of a GSM8K solution: the one after '####' if present, else the last number
-    in the text (what a model that did not learn the '####' convention ends with). Commas removed."""
-    text = str(text)
-    if "####" in text:
-        tail = text.split("####", 1)[1]
-        match = _NUMBER.search(tail)
-    else:
-        found = list(_NUMBER.finditer(text))
-        match = found[-1] if found else None
-    if match is None:
-        return None
-    value = match.group(0).replace(",", "").replace("$", "").replace(" ", "")
-    return value.rstrip(".") or None
 
 
 def numbers_equal(a: str | float | None, b: str | float | None, tol: float = 1e-6) -> bool:

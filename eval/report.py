@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from proxy.errors import UserError, exit_on_user_error
-from proxy.io import atomic_write_json
+from core.errors import UserError, exit_on_user_error
+from core.files import atomic_write_json
 
 METRICS_FILE = "metrics.json"
 
@@ -38,8 +38,8 @@ def identity(name: str | None) -> str | None:
     """One spelling per model: a registered name, a folder and a preset all become a resolved path."""
     if not name:
         return None
-    from proxy.loading import resolve_spec
-    from training.registry import resolve
+    from core.loading import resolve_spec
+    from core.registry import resolve
 
     path, card = resolve(name)
     if card is not None:
@@ -49,7 +49,7 @@ def identity(name: str | None) -> str | None:
 
 
 def card_of(name: str | None):
-    from training.registry import resolve
+    from core.registry import resolve
 
     return resolve(name)[1] if name else None
 

@@ -15,12 +15,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, open_dict
 
+from core.errors import UserError, exit_on_user_error
+from core.files import atomic_write_json, write_jsonl
+from core.jobs import hydra_output_dir, run_job
+from core.registry import update_scores
 from eval import metrics as M
-from proxy.errors import UserError, exit_on_user_error
-from proxy.io import atomic_write_json, write_jsonl
-from proxy.jobs import hydra_output_dir, mark_finished, skip_if_finished
 from proxy.run import build_engine, generation_settings, resolve_pairs, run_inputs
-from proxy.tracking import tracked
 from training.tasks import get_field, load_records, load_task, task_files, to_example
 
 METRICS_FILE = "metrics.json"
@@ -77,30 +77,12 @@ def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
             cfg.base, cfg.expert = cfg.model, None
     task = task_of(cfg)
     pairs = resolve_pairs(cfg)
-    digest = run_inputs(cfg, pairs, *task_files(task))
-    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / METRICS_FILE), digest)
-    if done is not None:
-        return done
-    settings = generation_settings(cfg.generation)
-    settings.stop = list(task.get("stop") or [])
-    with tracked(cfg, job_type="eval", run_dir=out_dir) as tracker:
-        engine, pairs = build_engine(cfg, pairs)
-        diagnostics = bool(cfg.proxy.diagnostics) and bool(pairs) and not cfg.proxy.get("speculative", {}).get("k")
-        if task.metric == "mc1":
-            rows = score_multiple_choice(engine, task, load_records(task, "eval"))
-        else:
-            examples = [to_example(task, r, "eval", where=f"record {i + 1}")
-                        for i, r in enumerate(load_records(task, "eval"))]
-            rows = score_generation_task(engine, task, examples, settings, diagnostics)
-        stats = engine.last_stats
-        result = {
-            task.metric: M.mean(r["score"] for r in rows),
-            "num_examples": len(rows),
-            "tokens_per_s": round(stats.tokens_per_s, 2),
-        }
-        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token"):
-            if getattr(stats, key) is not None:
-                result[key] = round(getattr(stats, key), 4)
+
+    def score(tracker) -> dict[str, Any]:
+        engine, _ = build_engine(cfg, pairs)
+        rows = task_rows(cfg, task, engine, pairs)
+        result = {task.metric: M.mean(r["score"] for r in rows), "num_examples": len(rows),
+                  **engine.last_stats.metrics()}
         record = {"task": task.name, "metric": task.metric, **describe(cfg, pairs), "metrics": result}
         write_jsonl(Path(out_dir) / "predictions.jsonl", rows)
         atomic_write_json(Path(out_dir) / METRICS_FILE, record)
@@ -108,13 +90,24 @@ def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
         tracker.table("predictions", [{k: r.get(k) for k in ("prompt", "generation", "prediction", "score")}
                                       for r in rows[:200]])
         if not pairs:
-            from training.registry import update_scores
-
             update_scores(str(cfg.base), task.name, {task.metric: result[task.metric]})
-        mark_finished(out_dir, cfg, record, digest)
-    print(f"{task.name} {task.metric} = {result[task.metric]:.4f} over {len(rows)} examples "
-          f"({record['role']}); wrote {Path(out_dir) / METRICS_FILE}")
-    return record
+        print(f"{task.name} {task.metric} = {result[task.metric]:.4f} over {len(rows)} examples "
+              f"({record['role']}); wrote {Path(out_dir) / METRICS_FILE}")
+        return record
+
+    digest = run_inputs(cfg, pairs, *task_files(task))
+    return run_job(cfg, out_dir, "eval", digest, str(Path(out_dir) / METRICS_FILE), score)
+
+
+def task_rows(cfg: DictConfig, task: DictConfig, engine, pairs) -> list[dict[str, Any]]:
+    """Every evaluation example of the task, scored: by log-likelihood (MC1) or by generating."""
+    if task.metric == "mc1":
+        return score_multiple_choice(engine, task, load_records(task, "eval"))
+    settings = generation_settings(cfg.generation)
+    settings.stop = list(task.get("stop") or [])
+    diagnostics = bool(cfg.proxy.diagnostics) and bool(pairs) and not cfg.proxy.get("speculative", {}).get("k")
+    examples = [to_example(task, r, "eval", where=f"record {i + 1}") for i, r in enumerate(load_records(task, "eval"))]
+    return score_generation_task(engine, task, examples, settings, diagnostics)
 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")

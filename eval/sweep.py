@@ -8,8 +8,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from core.files import atomic_write_json
 from eval.report import find_runs, plot_alpha
-from proxy.io import atomic_write_json
 
 
 def summarize(sweep_dir: str | Path) -> dict[str, Any] | None:
@@ -43,7 +43,7 @@ class SweepSummary(Callback):
             return
         print((Path(sweep_dir) / "summary.md").read_text(), end="")
         print(f"sweep summary: {Path(sweep_dir) / 'summary.json'} and {summary['plot']}")
-        from proxy.tracking import tracked
+        from core.tracking import tracked
 
         with tracked(config, job_type="sweep-summary", run_dir=str(sweep_dir)) as tracker:
             tracker.table("sweep", summary["rows"])

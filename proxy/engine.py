@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
+from core.errors import UserError
 from proxy.combine import proxy_logits, shared_logits, token_diagnostics
-from proxy.decoding import DecodeRules, GenerationSettings
-from proxy.errors import UserError
+from proxy.decoding import DecodeRules, GenerationSettings, Rows
 from proxy.prompts import CHAT, RAW, render
 from proxy.streams import ModelStream, left_pad, model_device
 from proxy.text import cut_at_stop, generated_text
@@ -83,6 +83,14 @@ class DecodeStats:
     @property
     def changed_share(self) -> float | None:
         return self.changed_tokens / self.diagnosed_tokens if self.diagnosed_tokens else None
+
+    def metrics(self) -> dict[str, float]:
+        """What a stage reports of its decoding: speed, and the ratios that apply."""
+        out = {"tokens_per_s": round(self.tokens_per_s, 2)}
+        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token"):
+            if getattr(self, key) is not None:
+                out[key] = round(getattr(self, key), 4)
+        return out
 
 
 def check_alpha(alpha: float) -> float:
@@ -285,38 +293,27 @@ class ProxyEngine:
     def _generate_batch(self, prompts, rules: DecodeRules, diagnostics, stats, prompt_ids=None) -> list[Generation]:
         padded = self._encode_batch(prompts, rules.max_new_tokens, prompt_ids)
         logits, runners, worker = self._prefill(padded)
-        seq, prompt_mask = padded[self.base_key][0].to(self.device), padded[self.base_key][1]
-        processors = rules.processors(prompt_mask)
-        new_ids: list[list[int]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
+        rows = Rows(rules, *padded[self.base_key], self.pad_id)
         trace: list[list[dict]] = [[] for _ in prompts]
-        active = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
         stats.row_forwards += len(prompts)
         while True:
-            scores = self.combine(logits)  # the proxy step
-            tokens = rules.pick(processors(seq, scores) if processors else scores)
-            tokens = torch.where(active, tokens, torch.full_like(tokens, self.pad_id))
+            scores = self.combine(logits)  # s_base + alpha * (s_expert - s_anti)
+            tokens = rules.pick(rows.process(scores[:, None])[:, 0])  # transformers' processors, argmax or sample
             if diagnostics:
-                self._record(trace, active, tokens, self._view(self.base_key, logits[self.base_key]), scores, stats)
-            seq = torch.cat([seq, tokens[:, None]], dim=-1)
-            for row, token in enumerate(tokens.tolist()):
-                if reasons[row] is None:
-                    new_ids[row].append(token)
-                    reasons[row] = rules.finish_reason(new_ids[row])
-            stats.new_tokens += int(active.sum())
+                self._record(trace, rows.active, tokens, self._view(self.base_key, logits[self.base_key]), scores, stats)
+            stats.new_tokens += rows.advance(tokens)  # each row ends on a stop id, a stop string or its budget
             stats.steps += 1
-            active = torch.tensor([r is None for r in reasons], device=self.device)
-            if not active.any():
+            if rows.done:
                 break
-            stats.row_forwards += int(active.sum())
+            stats.row_forwards += int(rows.active.sum())
+            tokens = rows.seq[:, -1]
             if worker:
                 worker.submit(tokens)  # the small models step while the base does
             logits = {key: runner.step(tokens) for key, runner in runners.items()}
             if worker:
                 logits.update(worker.collect())
         self._count_forwards(runners, stats)
-        return [self._finish(p, ids, reason, rules, trace[row] if diagnostics else None)
-                for row, (p, ids, reason) in enumerate(zip(prompts, new_ids, reasons))]
+        return self._finish(prompts, rows, trace if diagnostics else None)
 
     def _count_forwards(self, runners: dict, stats: DecodeStats) -> None:
         for i, (key, runner) in enumerate(runners.items()):
@@ -342,12 +339,16 @@ class ProxyEngine:
         stats.diagnosed_tokens += len(rows)
         stats.changed_tokens += int(diag["changed"][active].sum())
 
-    def _finish(self, prompt, new_ids, reason, rules: DecodeRules, trace) -> Generation:
-        text = generated_text(self.tokenizer, new_ids)
-        if reason == "stop":
-            text = cut_at_stop(text, rules.stop_strings.stop)
-        kept = new_ids[:-1] if reason == "eos" else new_ids
-        return Generation(prompt=prompt, text=text, token_ids=kept, finish_reason=reason, diagnostics=trace)
+    def _finish(self, prompts, rows: Rows, trace=None) -> list[Generation]:
+        """Each row's text (the pipeline's, cut at the first stop string) and ids (without the ending id)."""
+        out = []
+        for row, (prompt, ids, reason) in enumerate(zip(prompts, rows.generated, rows.reasons)):
+            text = generated_text(self.tokenizer, ids)
+            if reason == "stop":
+                text = cut_at_stop(text, rows.rules.stop_strings.stop)
+            out.append(Generation(prompt=prompt, text=text, token_ids=ids[:-1] if reason == "eos" else ids,
+                                  finish_reason=reason, diagnostics=None if trace is None else trace[row]))
+        return out
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[dict]:

@@ -15,8 +15,8 @@ import os
 
 import torch
 
+from core.errors import UserError
 from proxy.streams import ModelStream
-from proxy.errors import UserError
 
 
 def parallel_available() -> bool:

@@ -1,7 +1,7 @@
 """How the expert sees a prompt: the raw text, a format string, or its tokenizer's chat template."""
 from __future__ import annotations
 
-from proxy.errors import UserError
+from core.errors import UserError
 
 RAW = "{prompt}"
 CHAT = "chat"

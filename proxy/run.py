@@ -16,13 +16,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from core.errors import UserError, exit_on_user_error
+from core.files import read_jsonl, write_jsonl
+from core.jobs import hydra_output_dir, inputs_digest, run_job
+from core.loading import load_model, load_tokenizer, model_paths, preset, resolve_spec
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, check_alpha
-from proxy.errors import UserError, exit_on_user_error
-from proxy.io import read_jsonl, write_jsonl
-from proxy.jobs import hydra_output_dir, inputs_digest, mark_finished, skip_if_finished
-from proxy.loading import load_model, load_tokenizer, model_paths, preset, resolve_spec
 from proxy.prompts import CHAT, chat_expected
-from proxy.tracking import tracked
 from proxy.vocab import end_ids
 
 
@@ -46,14 +45,14 @@ class ResolvedPair:
 
 def resolve_pair(expert: str, anti_expert: str | None, alpha: float, expert_format: str | None) -> ResolvedPair:
     """Fill the anti-expert and the expert's prompt format from the expert's registry card."""
-    from training.registry import resolve
+    from core.registry import resolve
 
     if not expert or expert == "???":
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     path, card = resolve(expert)
     if anti_expert is None:
         if card is None and not Path(str(expert)).expanduser().is_dir() and not looks_like_hub_id(str(expert)):
-            from training.registry import entries
+            from core.registry import entries
 
             known = ", ".join(sorted(entries())) or "none yet"
             raise UserError(
@@ -107,7 +106,7 @@ def expert_format(pair: ResolvedPair, expert_tok, anti_tok, expert_model, anti_m
 
 
 def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tuple[ProxyEngine, list[ResolvedPair]]:
-    """Load the base and every expert/anti-expert (each once, each placed by proxy.placement), with each
+    """Load the base and every expert/anti-expert (each once, each placed by core.placement), with each
     model's own tokenizer, and build the engine: the plain one, or the speculative one with
     `proxy.speculative.k`; with `proxy.shared_pair`, an unmerged LoRA expert serves as its own anti-expert.
     `pairs`: the configured pairs, if already resolved."""
@@ -164,40 +163,25 @@ def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     if not cfg.get("expert"):
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     pairs = resolve_pairs(cfg)
-    digest = run_inputs(cfg, pairs, cfg.get("prompts"))
-    done = skip_if_finished(out_dir, cfg, str(Path(out_dir) / "generations.jsonl"), digest)
-    if done is not None:
-        return done
-    settings = generation_settings(cfg.generation)
-    prompts = read_prompts(cfg)
-    with tracked(cfg, job_type="proxy", run_dir=out_dir) as tracker:
-        engine, pairs = build_engine(cfg, pairs)
+    out_path = Path(out_dir) / "generations.jsonl"
+
+    def decode(tracker) -> dict[str, Any]:
+        settings = generation_settings(cfg.generation)
+        prompts = read_prompts(cfg)
+        engine, _ = build_engine(cfg, pairs)
         gens = engine.generate(prompts, settings, diagnostics=cfg.proxy.diagnostics)
-        stats = engine.last_stats
-        records = []
-        for g in gens:
-            rec = {"prompt": g.prompt, "generation": g.text, "finish_reason": g.finish_reason}
-            if cfg.proxy.diagnostics:
-                rec["diagnostics"] = g.diagnostics
-            records.append(rec)
-        out_path = Path(out_dir) / "generations.jsonl"
+        records = [{"prompt": g.prompt, "generation": g.text, "finish_reason": g.finish_reason,
+                    **({"diagnostics": g.diagnostics} if cfg.proxy.diagnostics else {})} for g in gens]
         write_jsonl(out_path, records)
-        metrics = {
-            "num_prompts": len(prompts),
-            "new_tokens": stats.new_tokens,
-            "tokens_per_s": round(stats.tokens_per_s, 2),
-            "seconds": round(stats.seconds, 3),
-            "alpha": pairs[0].alpha,
-            "anti_expert": pairs[0].anti_expert,
-        }
-        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token"):
-            if getattr(stats, key) is not None:
-                metrics[key] = round(getattr(stats, key), 4)
+        stats = engine.last_stats
+        metrics = {"num_prompts": len(prompts), "new_tokens": stats.new_tokens, "seconds": round(stats.seconds, 3),
+                   "alpha": pairs[0].alpha, "anti_expert": pairs[0].anti_expert, **stats.metrics()}
         tracker.summary(metrics)
         tracker.table("generations", [{k: r[k] for k in ("prompt", "generation")} for r in records])
-        mark_finished(out_dir, cfg, metrics, digest)
-    print(f"wrote {len(records)} generations to {out_path}")
-    return metrics
+        print(f"wrote {len(records)} generations to {out_path}")
+        return metrics
+
+    return run_job(cfg, out_dir, "proxy", run_inputs(cfg, pairs, cfg.get("prompts")), str(out_path), decode)
 
 
 @hydra.main(config_path="../conf", config_name="proxy", version_base="1.3")

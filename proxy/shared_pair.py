@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from proxy.errors import UserError
+from core.errors import UserError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -61,10 +61,10 @@ def check_adapter_folder(adapter_path: str) -> Path:
 
 def load_shared_pair(adapter_path: str, device_map=None) -> SharedLoraPair:
     """Load an unmerged LoRA checkpoint folder (adapter_config.json beside the adapter) as a shared pair,
-    placed as an expert is (proxy.placement)."""
+    placed as an expert is (core.placement)."""
     from peft import AutoPeftModelForCausalLM
 
-    from proxy.placement import Machine, decoding_device_map
+    from core.placement import Machine, decoding_device_map
 
     check_adapter_folder(adapter_path)
     kwargs = {}
@@ -78,7 +78,7 @@ def load_shared_pair(adapter_path: str, device_map=None) -> SharedLoraPair:
 
 def adapter_tokenizer(adapter_path: str):
     """The tokenizer saved beside the adapter, else that of the model the adapter was trained on."""
-    from proxy.loading import load_tokenizer
+    from core.loading import load_tokenizer
 
     folder = check_adapter_folder(adapter_path)
     if folder.is_dir() and not any((folder / name).exists()

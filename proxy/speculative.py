@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from proxy.decoding import DecodeRules
+from core.errors import UserError
+from proxy.decoding import DecodeRules, Rows
 from proxy.engine import ProxyEngine
-from proxy.errors import UserError
 from proxy.streams import AttentionLayout, ModelStream
 
 K_MAX = 8
@@ -91,27 +91,8 @@ class SpeculativeBatch:
         self.draft_key = engine.pair_keys[0][0]
         self.shared = engine.pairs[0].shared
         self.runners = {key: ModelStream(s.model) for key, s in engine.streams.items()}
-        prompt_ids, prompt_mask = self.padded[engine.base_key]
-        self.prompt_ids = prompt_ids.to(engine.device)
-        self.processors = rules.processors(prompt_mask)
-        # processors that read the ids get each row's own ids (rows advance by different numbers)
-        self.row_processors = None
-        if self.processors and not rules.position_free(self.processors):
-            self.row_processors = [rules.processors(prompt_mask[r : r + 1]) for r in range(len(prompts))]
-        self.generated: list[list[int]] = [[] for _ in prompts]
-        self.reasons: list[str | None] = [None] * len(prompts)
-
-    # -- rows ---------------------------------------------------------------------------------------
-    def active(self) -> torch.Tensor:
-        return torch.tensor([r is None for r in self.reasons], device=self.engine.device)
-
-    def commit(self, row: int, tokens: list[int]) -> None:
-        """Append tokens to a row until it ends."""
-        for tok in tokens:
-            if self.reasons[row] is not None:
-                return
-            self.generated[row].append(tok)
-            self.reasons[row] = self.rules.finish_reason(self.generated[row])
+        self.rows = Rows(rules, *self.padded[engine.base_key], engine.pad_id)
+        self.rows.aligned = False  # rows advance by different numbers of tokens
 
     # -- the pieces of a round ----------------------------------------------------------------------
     def expert_view(self, logits: torch.Tensor) -> torch.Tensor:
@@ -119,25 +100,6 @@ class SpeculativeBatch:
         if self.shared:
             logits = logits[..., : logits.shape[-1] // 2]
         return self.engine._view(self.draft_key, logits).to(self.engine.device)
-
-    def process(self, scores: torch.Tensor, drafted: torch.Tensor | None, start: int) -> torch.Tensor:
-        """transformers' processors over scores (B, n, V) whose position i follows each row's tokens
-        and its first start + i drafts."""
-        if not self.processors:
-            return scores
-        b, n, v = scores.shape
-        if self.row_processors is None:  # nothing reads the ids
-            return self.processors(scores.new_zeros((b * n, 1), dtype=torch.long), scores.reshape(b * n, v)).reshape(b, n, v)
-        out = scores.clone()
-        for r in range(b):
-            if self.reasons[r] is not None:
-                continue
-            head = torch.cat([self.prompt_ids[r], torch.tensor(self.generated[r], dtype=torch.long,
-                                                                device=self.prompt_ids.device)])
-            for i in range(n):
-                ids = head if drafted is None else torch.cat([head, drafted[r, : start + i]])
-                out[r, i] = self.row_processors[r](ids[None], scores[r, i][None])[0]
-        return out
 
     def combine_at(self, verify: dict, draft_logits: torch.Tensor) -> torch.Tensor:
         """Proxy scores (B, n, V) at the n positions the drafter's logits (B, n, V) cover."""
@@ -148,9 +110,9 @@ class SpeculativeBatch:
 
     def draft(self, first_logits: torch.Tensor | None, pending: torch.Tensor | None):
         """Up to k drafts per row from the expert: (drafts (B, k), the expert's logits before each (B, k, V))."""
-        drafter, rules = self.runners[self.draft_key], self.rules
-        active = self.active()
-        budget = max(rules.max_new_tokens - len(g) for g, r in zip(self.generated, self.reasons) if r is None)
+        drafter, rules, rows = self.runners[self.draft_key], self.rules, self.rows
+        active = rows.active
+        budget = max(rules.max_new_tokens - len(g) for g, r in zip(rows.generated, rows.reasons) if r is None)
         terminal = self.engine.terminal_ids(rules.stop_strings.stop)
         pad = torch.full_like(active, self.engine.pad_id, dtype=torch.long)
         ended = ~active  # rows for which no further draft could be kept
@@ -161,7 +123,7 @@ class SpeculativeBatch:
                 lg = drafter.step(drafts[-1])
             logits.append(lg)
             before = torch.stack(drafts, 1) if drafts else None
-            drafts.append(rules.pick(self.process(self.expert_view(lg)[:, None], before, j)[:, 0]))
+            drafts.append(rules.pick(rows.process(self.expert_view(lg)[:, None], before, j)[:, 0]))
             ended |= torch.isin(drafts[-1], terminal)
             if bool(ended.all()):
                 break
@@ -180,9 +142,9 @@ class SpeculativeBatch:
     def accept(self, drafted, draft_logits, verify) -> tuple[torch.Tensor, torch.Tensor]:
         """How many drafts each row keeps (B,), and the proxy's token after them (B,)."""
         k = drafted.shape[1]
-        p = self.process(self.combine_at(verify, draft_logits), drafted, 0)  # (B, k, V)
+        p = self.rows.process(self.combine_at(verify, draft_logits), drafted, 0)  # (B, k, V)
         if self.rules.do_sample:
-            q = self.process(self.expert_view(draft_logits), drafted, 0)
+            q = self.rows.process(self.expert_view(draft_logits), drafted, 0)
             return accept_sampled(p, q, drafted, self.rules.generator)
         proxy_top = p.argmax(-1)
         n_acc = (proxy_top == drafted).long().cumprod(1).sum(1)
@@ -190,53 +152,51 @@ class SpeculativeBatch:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> list:
-        engine, stats, draft_len = self.engine, self.stats, self.engine.draft_length
-        drafter = self.runners[self.draft_key]
-        first = drafter.prefill(*self.padded[self.draft_key])
+        first = self.runners[self.draft_key].prefill(*self.padded[self.draft_key])
         pending = None  # the first round drafts from the prompt; its verification is the others' prefill
-        while any(r is None for r in self.reasons):
-            rows = [r for r, reason in enumerate(self.reasons) if reason is None]
-            lead = 0 if pending is None else 1  # tokens fed before the drafts: the pending one
-            t0 = time.perf_counter()
-            drafted, draft_logits = self.draft(first, pending)
-            k = drafted.shape[1]
-            t1 = time.perf_counter()
-            verify = self.verify(drafted, pending)
-            n_acc, fix = self.accept(drafted, draft_logits, verify)
-            n_list = n_acc.tolist()
-            before = {r: len(self.generated[r]) for r in rows}
-            for r in rows:
-                self.commit(r, drafted[r, : n_list[r]].tolist())
-            drafter_fed = k - 1 + lead  # the pending token and the drafts but the last
-            # a row that kept every draft and goes on takes a bonus token, which needs the expert's
-            # logits after the last draft; a row that ended inside its drafts needs none
-            all_in = (n_acc == k) & self.active()
-            if all_in.any():
-                bonus = drafter.step(drafted[:, -1])
-                drafter_fed += 1
-                scores = self.combine_at({key: lg[:, k:] for key, lg in verify.items()}, bonus[:, None])
-                fix = torch.where(all_in, self.rules.pick(self.process(scores, drafted, k)[:, 0]), fix)
-            fix_list = fix.tolist()
-            for r in rows:
-                self.commit(r, [fix_list[r]])
-                stats.new_tokens += len(self.generated[r]) - before[r]
-            keep = n_acc + lead
-            for key, runner in self.runners.items():
-                if key == self.draft_key:  # a finished row that kept every draft never fed the last one
-                    runner.keep(drafter_fed, keep.clamp_max(drafter_fed))
-                else:
-                    runner.keep(k + lead, keep)
-            pending = fix
+        while not self.rows.done:
+            pending = self.round(first, pending)
+        self.engine._count_forwards(self.runners, self.stats)
+        return self.engine._finish(self.prompts, self.rows)
 
-            stats.steps += 1
-            stats.row_forwards += len(rows)
-            stats.drafted += k * len(rows)
-            kept = sum(n_list[r] for r in rows)
-            stats.accepted += kept
-            draft_len.update(kept, k * len(rows), (t1 - t0) / k, time.perf_counter() - t1)
-        engine._count_forwards(self.runners, stats)
-        return [engine._finish(p, self.generated[r], self.reasons[r], self.rules, None)
-                for r, p in enumerate(self.prompts)]
+    def round(self, first, pending):
+        """Draft, verify, keep; returns the token each row takes next (pending for the next round)."""
+        rows, stats, drafter = self.rows, self.stats, self.runners[self.draft_key]
+        live = [r for r, reason in enumerate(rows.reasons) if reason is None]
+        lead = 0 if pending is None else 1  # tokens fed before the drafts: the pending one
+        t0 = time.perf_counter()
+        drafted, draft_logits = self.draft(first, pending)
+        k = drafted.shape[1]
+        t1 = time.perf_counter()
+        verify = self.verify(drafted, pending)
+        n_acc, fix = self.accept(drafted, draft_logits, verify)
+        n_list = n_acc.tolist()
+        taken = sum(rows.commit(r, drafted[r, : n_list[r]].tolist()) for r in live)
+        drafter_fed = k - 1 + lead  # the pending token and the drafts but the last
+        # a row that kept every draft and goes on takes a bonus token, which needs the expert's
+        # logits after the last draft; a row that ended inside its drafts needs none
+        all_in = (n_acc == k) & rows.active
+        if all_in.any():
+            bonus = drafter.step(drafted[:, -1])
+            drafter_fed += 1
+            scores = self.combine_at({key: lg[:, k:] for key, lg in verify.items()}, bonus[:, None])
+            fix = torch.where(all_in, self.rules.pick(rows.process(scores, drafted, k)[:, 0]), fix)
+        fix_list = fix.tolist()
+        taken += sum(rows.commit(r, [fix_list[r]]) for r in live)
+        keep = n_acc + lead
+        for key, runner in self.runners.items():
+            if key == self.draft_key:  # a finished row that kept every draft never fed the last one
+                runner.keep(drafter_fed, keep.clamp_max(drafter_fed))
+            else:
+                runner.keep(k + lead, keep)
+        kept = sum(n_list[r] for r in live)
+        stats.new_tokens += taken
+        stats.steps += 1
+        stats.row_forwards += len(live)
+        stats.drafted += k * len(live)
+        stats.accepted += kept
+        self.engine.draft_length.update(kept, k * len(live), (t1 - t0) / k, time.perf_counter() - t1)
+        return fix
 
 
 def accept_sampled(p_scores, q_scores, drafted, generator):

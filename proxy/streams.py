@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from proxy.errors import UserError
+from core.errors import UserError
 
 SUPPORTED_LAYERS = {"full_attention", "sliding_attention"}
 

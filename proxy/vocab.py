@@ -1,24 +1,10 @@
-"""The vocabulary that a base, its experts and anti-experts share; the ids each of them ends on; and
-tokenizer fingerprints."""
+"""The vocabulary that a base, its experts and anti-experts share, and the ids each of them ends on."""
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Iterable, Mapping
 
-from proxy.errors import UserError
-
-
-def id_to_token(tokenizer) -> list[str]:
-    """Token strings by id over the tokenizer's real vocabulary (added tokens included)."""
-    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the id -> token table and the special tokens: equal fingerprints, same tokenization."""
-    table = {"tokens": id_to_token(tokenizer), "special": tokenizer.special_tokens_map}
-    digest = hashlib.sha256(json.dumps(table, sort_keys=True, default=str).encode()).hexdigest()
-    return f"sha256:{digest[:16]}"
+from core.errors import UserError
+from core.vocabulary import id_to_token
 
 
 def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[str, int] | None = None) -> int:

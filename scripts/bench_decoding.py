@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
+from core import PROJECT_ROOT
+from core.errors import UserError, exit_on_user_error
+from core.files import read_jsonl
+from core.loading import load_model, load_tokenizer, resolve_spec
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
-from proxy.streams import ModelStream, left_pad, positions_from_mask
-from proxy.errors import UserError, exit_on_user_error
-from proxy.io import read_jsonl
-from proxy.loading import load_model, load_tokenizer, resolve_spec
 from proxy.speculative import SpeculativeProxyEngine, expected_speedup
+from proxy.streams import ModelStream, left_pad, positions_from_mask
 from proxy.vocab import shared_vocab_size
-
-PROJECT = Path(__file__).resolve().parent.parent
 
 
 def expand_blocks(model, factor: int):
@@ -175,7 +174,7 @@ def load_family(args):
     anti = load_model(str(family / "small"))
     expert_path = args.expert
     if expert_path is None:
-        from training.registry import resolve
+        from core.registry import resolve
 
         path, card = resolve("tiny-expert")
         expert_path = path if card is not None else None
@@ -194,7 +193,7 @@ def task_prompts_for(args) -> list[str]:
 @exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--family", default=str(PROJECT / ".cache" / "tiny-family"))
+    parser.add_argument("--family", default=str(PROJECT_ROOT / ".cache" / "tiny-family"))
     parser.add_argument("--expert", default=None, help="default: the demo's registered 'tiny-expert'")
     parser.add_argument("--base", default=None,
                         help="real models instead of the family: the base (preset, folder or hub id); "
@@ -216,13 +215,13 @@ def main() -> None:
     parser.add_argument("--deep-factor", type=int, default=4,
                         help="the deep-base workload's base: the large model's layers times this (1: skip it)")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--out", default=str(PROJECT / "outputs" / "bench" / "decoding.json"))
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "bench" / "decoding.json"))
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
     tok, base, expert, anti, expert_path = load_family(args)
     if args.lora is None and not args.base:
-        from training.registry import resolve
+        from core.registry import resolve
 
         lora_path, lora_card = resolve("tiny-expert-lora")
         args.lora = lora_path if lora_card is not None else None

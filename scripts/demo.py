@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from proxy import PROJECT_ROOT
-from proxy.loading import CONF_DIR
+from core import CONF_DIR, PROJECT_ROOT
 from training import world
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))

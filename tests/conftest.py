@@ -11,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# W&B lists every installed package into each run (half a second a run): useful to users, not to tests
+os.environ.setdefault("WANDB_X_SAVE_REQUIREMENTS", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dataclasses import dataclass
@@ -105,6 +107,11 @@ def tiny_family(tmp_path_factory) -> TinyFamily:
     )
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first: spread over `pytest -n 2` workers from the start, none is left for the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """Tiny random checkpoints of every family people proxy-tune (tests/zoo.py), built once."""
@@ -116,7 +123,7 @@ def zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def models(tiny_family):
     """The family loaded once for the session (eval mode, no grad): the tokenizer and three models."""
-    from proxy.loading import load_model, load_tokenizer
+    from core.loading import load_model, load_tokenizer
 
     return {
         "tok": load_tokenizer(tiny_family.large),
@@ -136,14 +143,9 @@ def prompts() -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def isolated_registry(tmp_path_factory):
-    """Keep tests from reading or writing the user's registry."""
+@pytest.fixture(autouse=True)
+def isolated_registry(tmp_path_factory, monkeypatch):
+    """Each test its own registry: nothing a test registers is seen by another, or by the user's."""
     path = tmp_path_factory.mktemp("registry") / "registry.json"
-    old = os.environ.get("PROXY_REGISTRY")
-    os.environ["PROXY_REGISTRY"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("PROXY_REGISTRY", None)
-    else:
-        os.environ["PROXY_REGISTRY"] = old
+    monkeypatch.setenv("PROXY_REGISTRY", str(path))
+    return path

@@ -22,3 +22,38 @@ def make_cfg(app: str, model: str, outputs: Path, *overrides: str, steps: int = 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(app, overrides=[f"model={model}", f"paths.outputs={outputs}",
                                        f"training.max_steps={steps}", *FAST, *overrides])
+
+
+def compose_app(app: str, *overrides: str):
+    """A stage's config as its Hydra app composes it from the command line's overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(app, overrides=list(overrides))
+
+
+def run_in_process(app: str, run, *overrides: str, out_dir: str | None = None) -> tuple[int, str]:
+    """A stage's command line, in this process: its config composed from the overrides and its body run
+    as its `main` runs it (a UserError becomes `error: ...` and exit status 2). Returns (exit status,
+    everything it wrote to stderr)."""
+    import contextlib
+    import io
+
+    from core.errors import exit_on_user_error
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            exit_on_user_error(lambda: run(compose_app(app, *overrides), out_dir))()
+        return 0, err.getvalue()
+    except SystemExit as exit_:
+        return int(exit_.code or 0), err.getvalue()
+
+
+def assert_one_error_line(code: int, stderr: str, *fragments: str) -> str:
+    """Exit status 2, no traceback, and stderr ending in one `error: ...` line holding every fragment."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert code == 2, (code, stderr[-3000:])
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last

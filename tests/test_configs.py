@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from proxy.loading import ModelSpec, resolve_spec
+from core.loading import ModelSpec, resolve_spec
 from training import common
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -67,7 +67,7 @@ def _group_cases():
 
 @pytest.mark.parametrize("group, option", list(_group_cases()), ids=lambda x: str(x))
 def test_every_group_option_composes(group, option):
-    if group == "presets":  # presets are read by proxy.loading, not composed into an app
+    if group == "presets":  # presets are read by core.loading, not composed into an app
         spec = resolve_spec(option)
         assert isinstance(spec, ModelSpec) and spec.path
         return

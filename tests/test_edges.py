@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from helpers import CONF, FIXTURES, make_cfg
+from hydra import compose, initialize_config_dir
+from zoo import PROMPTS
+
+from core.loading import load_model, load_tokenizer
 from proxy.decoding import GenerationSettings
 from proxy.engine import ProxyEngine, SteeringPair
-from proxy.loading import load_model, load_tokenizer
 from proxy.text import cut_at_stop
-from zoo import PROMPTS
 
 
 def proxy_cfg(base, expert, anti, prompts, *overrides):
@@ -164,15 +164,14 @@ def test_eval_and_training_rerun_when_their_data_changes(tiny_family, tmp_path, 
 # ---------------------------------------------------------------------------- file modes
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
-def test_files_get_the_mode_the_umask_gives(tiny_family, tmp_path, monkeypatch, umask, mode):
+def test_files_get_the_mode_the_umask_gives(tiny_family, tmp_path, umask, mode):
+    from core.registry import Card, register, registry_path
     from proxy.run import run
-    from training.registry import Card, register, registry_path
 
     old = os.umask(umask)
     try:
         path = write_prompts(tmp_path / "p.jsonl", [" the quick"])
         run(proxy_cfg(tiny_family.large, tiny_family.expert, tiny_family.small, path), str(tmp_path / "out"))
-        monkeypatch.setenv("PROXY_REGISTRY", str(tmp_path / "registry.json"))
         (tmp_path / "ckpt").mkdir()
         register(Card(name="m", path=str(tmp_path / "ckpt"), tuned_from="x", task="t", method={}))
         for f in (tmp_path / "out" / "generations.jsonl", tmp_path / "out" / "result.json", registry_path(),
@@ -185,7 +184,7 @@ def test_files_get_the_mode_the_umask_gives(tiny_family, tmp_path, monkeypatch, 
 # ---------------------------------------------------------------------------- W&B
 
 def test_a_wandb_login_is_honoured_however_it_was_made(tmp_path, monkeypatch):
-    from proxy.tracking import logged_in
+    from core.tracking import logged_in
 
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
+from core.loading import load_model, load_tokenizer
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
 from proxy.streams import left_pad
-from proxy.errors import UserError
-from proxy.loading import load_model, load_tokenizer
 
 GREEDY = GenerationSettings(max_new_tokens=24, batch_size=8)
 

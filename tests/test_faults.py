@@ -1,5 +1,8 @@
-"""The fault drill: bad input and faults through the real entry points end with exit status 2 and ONE
-`error: ...` line (no traceback), and interrupted work resumes where it stopped."""
+"""The fault drill: bad input and faults end with exit status 2 and ONE `error: ...` line (no traceback),
+and interrupted work resumes where it stopped.
+
+Each entry point's contract is checked once through a real interpreter (`entry`); the other bad inputs
+go through the same body in this process (`run_in_process`), where the exit status is not the point."""
 from __future__ import annotations
 
 import json
@@ -11,28 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, ROOT, assert_one_error_line, run_in_process
+
+from proxy.run import run as proxy_run
 
 pytestmark = pytest.mark.faults
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 
-
-def entry(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def entry(module: str, *args: str, env: dict | None = None, timeout: int = 300) -> tuple[int, str, str]:
+    """`python -m <module> <args>`: (exit status, stdout, stderr)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit status 2, no traceback, and stderr ending in one `error: ...` line holding every fragment."""
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in last, last
-    return last
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture
@@ -47,67 +41,67 @@ def proxy_args(tiny_family, prompts_file):
     return [f"base={tiny_family.large}", f"prompts={prompts_file}", "logger=none", "generation.max_new_tokens=4"]
 
 
+def proxy_cli(tmp_path, *args):
+    return run_in_process("proxy", proxy_run, *args, out_dir=str(tmp_path / "run"))
+
+
 # ---------------------------------------------------------------------------- bad input to proxy.run
 
-def test_mismatched_tokenizers(tiny_family, proxy_args):
-    proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.foreign}", f"anti_expert={tiny_family.small}")
-    assert_one_error_line(proc, "tokenizer", "does not match")
+def test_mismatched_tokenizers_through_the_real_entry_point(tiny_family, proxy_args):
+    code, _, err = entry("proxy.run", *proxy_args, f"expert={tiny_family.foreign}", f"anti_expert={tiny_family.small}")
+    assert_one_error_line(code, err, "tokenizer", "does not match")
 
 
-def test_missing_checkpoint_path(tiny_family, proxy_args):
-    proc = entry("proxy.run", *proxy_args, "expert=/nonexistent/checkpoint", f"anti_expert={tiny_family.small}")
-    assert_one_error_line(proc, "'/nonexistent/checkpoint' does not exist")
+def test_missing_checkpoint_path(tiny_family, proxy_args, tmp_path):
+    result = proxy_cli(tmp_path, *proxy_args, "expert=/nonexistent/checkpoint", f"anti_expert={tiny_family.small}")
+    assert_one_error_line(*result, "'/nonexistent/checkpoint' does not exist")
 
 
 def test_unknown_registered_name(proxy_args, tmp_path):
-    env = {"PROXY_REGISTRY": str(tmp_path / "registry.json")}
-    assert_one_error_line(entry("proxy.run", *proxy_args, "expert=no-such-expert", env=env), "'no-such-expert'")
-    assert_one_error_line(entry("training.registry", "show", "no-such-expert", env=env), "'no-such-expert'")
+    assert_one_error_line(*proxy_cli(tmp_path, *proxy_args, "expert=no-such-expert"), "'no-such-expert'")
+    code, _, err = entry("training.registry", "show", "no-such-expert")
+    assert_one_error_line(code, err, "'no-such-expert'")
 
 
 def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_args, tmp_path):
     """proxy.shared_pair: an adapter over a model with another tokenizer, and a merged (adapter-less) expert."""
     from peft import LoraConfig, get_peft_model
 
-    from proxy.loading import load_model
+    from core.loading import load_model
 
     adapter = tmp_path / "foreign_lora"
     get_peft_model(load_model(tiny_family.foreign), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
-    proc = entry("proxy.run", *proxy_args, f"expert={adapter}", f"anti_expert={tiny_family.foreign}",
-                 "proxy.shared_pair=true")
-    assert_one_error_line(proc, "tokenizer", "does not match")
-    proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
-                 "proxy.shared_pair=true")
-    assert_one_error_line(proc, "holds no LoRA adapter", "training.merge=false")
+    result = proxy_cli(tmp_path, *proxy_args, f"expert={adapter}", f"anti_expert={tiny_family.foreign}",
+                       "proxy.shared_pair=true")
+    assert_one_error_line(*result, "tokenizer", "does not match")
+    result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+                       "proxy.shared_pair=true")
+    assert_one_error_line(*result, "holds no LoRA adapter", "training.merge=false")
 
 
-@pytest.mark.parametrize("alpha", ["nan", "inf"])
-def test_non_finite_alpha(tiny_family, proxy_args, alpha):
-    proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
-                 f"proxy.alpha={alpha}")
-    assert_one_error_line(proc, "alpha must be a finite number")
-
-
-def test_non_numeric_alpha(tiny_family, proxy_args):
-    proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
-                 "proxy.alpha=abc")
-    assert_one_error_line(proc, "alpha", "abc")
+@pytest.mark.parametrize("alpha, fragment", [("nan", "alpha must be a finite number"),
+                                             ("inf", "alpha must be a finite number"), ("abc", "'abc'")])
+def test_a_bad_alpha(tiny_family, proxy_args, tmp_path, alpha, fragment):
+    result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+                       f"proxy.alpha={alpha}")
+    assert_one_error_line(*result, "alpha", fragment)
 
 
 def test_over_long_prompt(tiny_family, proxy_args, tmp_path):
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text(json.dumps({"prompt": " the" * 400}) + "\n")
-    proc = entry("proxy.run", *proxy_args, f"prompts={long_prompts}", f"expert={tiny_family.expert}",
-                 f"anti_expert={tiny_family.small}")
-    assert_one_error_line(proc, "exceeds the model's context")
+    result = proxy_cli(tmp_path, *proxy_args, f"prompts={long_prompts}", f"expert={tiny_family.expert}",
+                       f"anti_expert={tiny_family.small}")
+    assert_one_error_line(*result, "exceeds the model's context")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("option, fragment", [("load.base.device_map=cuda", "device_map=cuda"),
                                               ("load.base.quantization=int8", "quantization=int8")])
-def test_gpu_only_option_on_the_cpu(tiny_family, proxy_args, option, fragment):
-    proc = entry("proxy.run", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}", option)
-    assert_one_error_line(proc, fragment, "needs a CUDA GPU")
+def test_gpu_only_option_on_the_cpu(tiny_family, proxy_args, tmp_path, option, fragment):
+    result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+                       option)
+    assert_one_error_line(*result, fragment, "needs a CUDA GPU")
 
 
 # ---------------------------------------------------------------------------- interrupted work
@@ -124,8 +118,8 @@ def kill_once(module_and_args, env, ready, limit=240):
     """Start `python -m <module> <args>`; SIGKILL its whole process group as soon as `ready()` holds."""
     proc = subprocess.Popen([sys.executable, "-m", *module_and_args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + limit
-    while proc.poll() is None and not ready() and time.time() < deadline:
+    deadline = time.monotonic() + limit
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -134,6 +128,7 @@ def kill_once(module_and_args, env, ready, limit=240):
 
 @pytest.mark.slow
 def test_sweep_killed_halfway_resumes_with_the_unfinished_job(tiny_family, proxy_args, tmp_path):
+    """Also: job folders are named after the overrides, and long checkpoint paths do not merge two jobs."""
     sweep = tmp_path / "sweep"
     args = ["-m", "proxy.alpha=0,1", *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
             f"hydra.sweep.dir={sweep}"]
@@ -142,51 +137,45 @@ def test_sweep_killed_halfway_resumes_with_the_unfinished_job(tiny_family, proxy
     finished = sorted(p.parent.name for p in sweep.glob("*/result.json"))
     assert len(finished) >= 1
 
-    rerun = entry("proxy.run", *args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stdout.count("already done, skipping") == len(finished)
-    assert rerun.stdout.count("wrote 2 generations") == 2 - len(finished)
+    code, out, err = entry("proxy.run", *args)
+    assert code == 0, err[-3000:]
+    assert out.count("already done, skipping") == len(finished)
+    assert out.count("wrote 2 generations") == 2 - len(finished)
     jobs = job_folders(sweep)
-    assert sorted(jobs) == [0.0, 1.0]
+    assert sorted(jobs) == [0.0, 1.0] and len(set(jobs.values())) == 2
     assert all((j / "result.json").exists() and (j / "generations.jsonl").exists() for j in jobs.values())
 
 
-def test_sweep_jobs_with_long_paths_get_distinct_folders(tiny_family, proxy_args, tmp_path):
-    """Job folders are named after the overrides; long checkpoint paths must not merge two jobs."""
-    sweep = tmp_path / "sweep"
-    proc = entry("proxy.run", "-m", "proxy.alpha=0,1", *proxy_args, f"expert={tiny_family.expert}",
-                 f"anti_expert={tiny_family.small}", "generation.max_new_tokens=1", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len([d for d in sweep.iterdir() if (d / "result.json").exists()]) == 2, sorted(p.name for p in sweep.iterdir())
-
-
 @pytest.mark.slow
-def test_training_killed_after_a_checkpoint_resumes_from_it(tiny_family, tmp_path):
-    if not (ROOT / "training" / "sft.py").exists():
-        pytest.skip("training/sft.py is not there yet")
+def test_training_killed_after_a_checkpoint_resumes_from_it(tiny_family, tmp_path, capsys):
+    """Killed for real; the same command again (its body, in this process) resumes and prints the
+    checkpoint folder on its last line."""
     job = tmp_path / "job"
     args = ["+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}", f"model={tiny_family.small}",
-            "training.max_steps=30", "training.save_steps=2", "training.per_device_train_batch_size=2",
+            "training.max_steps=12", "training.save_steps=2", "training.per_device_train_batch_size=2",
             "training.gradient_accumulation_steps=1", "logger=none", f"output_dir={job}",
             f"paths.outputs={tmp_path / 'outputs'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROXY_REGISTRY": str(tmp_path / "registry.json")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = kill_once(["training.sft", *args], env, lambda: list(job.glob("checkpoint-*/trainer_state.json")))
     assert proc.returncode == -signal.SIGKILL and list(job.glob("checkpoint-*"))
 
-    rerun = entry("training.sft", *args, env={"PROXY_REGISTRY": str(tmp_path / "registry.json")})
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stdout
-    model_dir = Path(rerun.stdout.strip().splitlines()[-1])
+    from training.common import cli_main
+
+    code, err = run_in_process("sft", lambda cfg, _: cli_main(cfg, "sft"), *args)
+    out = capsys.readouterr().out
+    assert code == 0, err[-3000:]
+    assert "resuming from" in out
+    model_dir = Path(out.strip().splitlines()[-1])
     metrics = json.loads((model_dir / "card.json").read_text())["metrics"]
-    assert metrics["steps"] == 30 and metrics["resumed_from_step"] >= 2
+    assert metrics["steps"] == 12 and metrics["resumed_from_step"] >= 2
 
 
 # ---------------------------------------------------------------------------- the registry
 
-def test_corrupt_registry_card(tmp_path, monkeypatch):
-    from training import registry
+def test_corrupt_registry_card(tmp_path, capsys):
+    from core import registry
+    from training.registry import main as registry_cli
 
-    monkeypatch.setenv("PROXY_REGISTRY", str(tmp_path / "registry.json"))
     for name in ("good-expert", "bad-expert"):
         (tmp_path / name).mkdir()
         registry.register(registry.Card(name=name, path=str(tmp_path / name), tuned_from="tiny-small", task="jsonl",
@@ -194,11 +183,11 @@ def test_corrupt_registry_card(tmp_path, monkeypatch):
     bad_card = tmp_path / "bad-expert" / registry.CARD_FILE
     bad_card.write_text('{"name": "bad-expert", "path": ')  # a write cut short
 
-    env = {"PROXY_REGISTRY": str(tmp_path / "registry.json")}
-    assert_one_error_line(entry("training.registry", "show", "bad-expert", env=env), "corrupt", str(bad_card))
+    code, _, err = entry("training.registry", "show", "bad-expert")
+    assert_one_error_line(code, err, "corrupt", str(bad_card))
 
-    listing = entry("training.registry", "list", env=env)
-    assert listing.returncode == 0, listing.stderr[-3000:]
-    rows = {line.split()[0]: line for line in listing.stdout.splitlines()[2:] if line.strip()}
+    registry_cli(["list"])
+    listing = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in listing.splitlines()[2:] if line.strip()}
     assert "good-expert" in rows and "CORRUPT" not in rows["good-expert"]
     assert "CORRUPT" in rows["bad-expert"]

@@ -118,7 +118,7 @@ def test_rolling_windows_cover_every_token_once(steered, models):
 
 
 def test_bad_model_arguments_are_refused_in_one_line(models, tiny_family):
-    from proxy.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="unknown proxy model argument"):
         ProxyLM(engine=proxy_engine(models, 0.0), tempreature=0.5)

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import pytest
 
-from eval.metrics import (cut_at_stop, exact_match, extract_gsm8k_answer, gsm8k_accuracy, mc1, mc1_choice,
-                          normalize_answer, numbers_equal, score)
-from proxy.errors import UserError
+from core.errors import UserError
+from eval.metrics import (
+    cut_at_stop,
+    exact_match,
+    extract_gsm8k_answer,
+    gsm8k_accuracy,
+    mc1,
+    mc1_choice,
+    normalize_answer,
+    numbers_equal,
+    score,
+)
 
 
 def test_squad_normalization():

@@ -1,12 +1,17 @@
-"""Where models go, decided as if the GPUs were there (proxy.placement is a pure function of the machine)."""
+"""Where models go, decided as if the GPUs were there (core.placement is a pure function of the machine)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from proxy import loading
-from proxy.errors import UserError
-from proxy.placement import Machine, compute_dtype, decoding_device_map, training_device_map
+from core import loading
+from core.errors import UserError
+from core.placement import (
+    Machine,
+    compute_dtype,
+    decoding_device_map,
+    training_device_map,
+)
 
 CPU = Machine()
 ONE = Machine(gpus=1, free=(80 << 30,), bf16=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
+from core.loading import load_model, load_tokenizer, resolve_spec
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
-from proxy.errors import UserError
-from proxy.loading import load_model, load_tokenizer, resolve_spec
 
 pytest.importorskip("bitsandbytes")
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.errors import UserError
+from core.errors import UserError
+from core.registry import Card, entries, read_card, register, resolve, update_scores
 from proxy.run import resolve_pair
-from training.registry import Card, entries, main, read_card, register, resolve, update_scores
+from training.registry import main
 
 
 @pytest.fixture

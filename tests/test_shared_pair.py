@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from core.loading import load_model, load_tokenizer
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
-from proxy.loading import load_model, load_tokenizer
 from proxy.shared_pair import SharedLoraPair, load_shared_pair
 from proxy.speculative import SpeculativeProxyEngine
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import UserError
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
-from proxy.errors import UserError
 from proxy.speculative import DraftLength, SpeculativeProxyEngine, expected_speedup
 
 
@@ -13,11 +13,18 @@ def pair(models, alpha=1.0):
     return [SteeringPair(models["expert"], models["small"], alpha)]
 
 
+@pytest.fixture(scope="module")
+def plain_output(models, prompts):
+    """The plain engine's greedy output, once (a batch equals its rows: one answer for every batch size)."""
+    settings = GenerationSettings(max_new_tokens=20)
+    return ProxyEngine(models["large"], models["tok"], pair(models)).generate(prompts, settings)
+
+
 @pytest.mark.parametrize("k", [1, 2, 4, 6, "auto"])
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_greedy_is_token_for_token_the_plain_engine(models, prompts, k, batch_size):
+def test_greedy_is_token_for_token_the_plain_engine(models, prompts, plain_output, k, batch_size):
     settings = GenerationSettings(max_new_tokens=20, batch_size=batch_size)
-    plain = ProxyEngine(models["large"], models["tok"], pair(models)).generate(prompts, settings)
+    plain = plain_output
     spec = SpeculativeProxyEngine(models["large"], models["tok"], pair(models), k=k)
     fast = spec.generate(prompts, settings)
     assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
@@ -76,7 +83,7 @@ def test_sampling_follows_the_proxy_distribution(models):
     alpha = 0.5
     temperature = 1.5
     eng = SpeculativeProxyEngine(models["large"], tok, pair(models, alpha), k=2)
-    n = 4000
+    n = 2500
     settings = GenerationSettings(max_new_tokens=2, min_new_tokens=2, do_sample=True, temperature=temperature,
                                   top_k=4, seed=123, batch_size=n)
     gens = eng.generate([prompt] * n, settings)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from core.loading import load_model, load_tokenizer
 from proxy.engine import GenerationSettings, ProxyEngine
-from proxy.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -86,6 +86,7 @@ def test_local_submitit_sweep_runs_each_job_and_a_rerun_skips_them(job_args, tin
 
 @pytest.mark.slow
 def test_optuna_calibrates_alpha_with_eval_run_and_reports_the_best(tiny_family, tmp_path):
+    """Also: an eval.run sweep ends with its summary table and plot (the SweepSummary callback)."""
     sweep = tmp_path / "optuna"
     task = ROOT / "tests" / "fixtures" / "plain.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
@@ -101,6 +102,12 @@ def test_optuna_calibrates_alpha_with_eval_run_and_reports_the_best(tiny_family,
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(scores.values())  # what eval.run's main returned, maximised
     assert scores[best["best_params"]["proxy.alpha"]] == best["best_value"]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert sorted(r["alpha"] for r in summary["rows"]) == sorted(trials)
+    assert all(r["changed_share"] is not None for r in summary["rows"])
+    assert (sweep / "alpha_curve.png").stat().st_size > 1000
+    table = (sweep / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| job |") and len(table) == 4
 
 
 @pytest.mark.parametrize("app", ["eval", "proxy"])

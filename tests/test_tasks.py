@@ -5,9 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UserError
 from eval.metrics import score
-from proxy.errors import UserError
-from training.tasks import examples, fill, get_field, load_records, load_task, task_names
+from training.tasks import (
+    examples,
+    fill,
+    get_field,
+    load_records,
+    load_task,
+    task_names,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

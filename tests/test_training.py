@@ -3,23 +3,19 @@ bad inputs, and the train -> register -> proxy.run contract."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF, FIXTURES, make_cfg
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from proxy.errors import UserError
-from proxy.io import write_jsonl
+from core.errors import UserError
+from core.files import write_jsonl
+from core.registry import read_card, resolve
 from training import common, dpo, sft
-from training.registry import read_card, resolve
-
-from helpers import CONF, FIXTURES, ROOT, make_cfg
 
 
 class Snapshot(TrainerCallback):
@@ -62,8 +58,8 @@ def test_sft_full_changes_every_trainable_tensor_and_registers(tiny_family, tmp_
     assert card.tuned_from == tiny_family.small  # as given: proxy.run's anti-expert
     assert card.method == {"algorithm": "sft", "adaptation": "full", "merged": False}
     assert card.task == "jsonl" and card.prompt_format == "{prompt}"
-    from proxy.loading import load_tokenizer
-    from proxy.vocab import tokenizer_fingerprint
+    from core.loading import load_tokenizer
+    from core.vocabulary import tokenizer_fingerprint
     assert card.tokenizer_fingerprint == tokenizer_fingerprint(load_tokenizer(tiny_family.small))
     assert card.config["training"]["max_steps"] == 8 and card.metrics["steps"] == 8
     assert resolve(metrics["name"]) == (card.path, card)
@@ -76,7 +72,7 @@ def test_sft_loss_is_on_the_completion_only(tiny_family, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from proxy.loading import load_model, load_tokenizer
+    from core.loading import load_model, load_tokenizer
     from training.tasks import examples, load_task
 
     task = load_task("triviaqa", data_files=str(FIXTURES / "triviaqa.jsonl"))
@@ -105,7 +101,7 @@ def test_lora_trains_only_the_adapter_and_merges_to_the_same_function(tiny_famil
     merged_dir = Path(metrics["path"])
     assert read_card(merged_dir).method == {"algorithm": "sft", "adaptation": "lora", "merged": True}
     assert not [k for k in load_file(merged_dir / "model.safetensors") if "lora" in k]
-    from proxy.loading import load_model, load_tokenizer
+    from core.loading import load_model, load_tokenizer
     tok = load_tokenizer(merged_dir)
     merged = load_model(merged_dir)
     # transformers loads an adapter folder natively (base from adapter_config.json)
@@ -121,7 +117,7 @@ def test_unmerged_adapter_checkpoint_loads_as_a_model(tiny_family, tmp_path):
     folder = Path(sft.run(cfg)["path"])
     assert (folder / "adapter_config.json").exists() and not (folder / "model.safetensors").exists()
     assert read_card(folder).method["merged"] is False
-    from proxy.loading import load_model, load_tokenizer
+    from core.loading import load_model, load_tokenizer
     model = load_model(str(folder))  # what proxy.run does with expert=<folder>
     assert any("lora_A" in n for n, _ in model.named_parameters())
     assert logits(model, load_tokenizer(str(folder))).shape[-1] == model.config.vocab_size
@@ -136,7 +132,7 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_a_plain_checkpoint(tiny_fam
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config  # merged into the unquantized base, not re-quantized
     assert read_card(folder).method == {"algorithm": "sft", "adaptation": "qlora", "merged": True}
-    from proxy.loading import load_model
+    from core.loading import load_model
     assert load_model(str(folder)).model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
 
 
@@ -157,7 +153,7 @@ def test_chat_sft_uses_and_saves_a_chat_template(tiny_family, tmp_path):
                    f"task.data_files={FIXTURES / 'ultrafeedback.jsonl'}", steps=2)
     folder = Path(sft.run(cfg)["path"])
     assert read_card(folder).prompt_format == "chat"
-    from proxy.loading import load_tokenizer
+    from core.loading import load_tokenizer
     assert "[INST]" in load_tokenizer(str(folder)).apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
@@ -217,19 +213,13 @@ class _FailIfTraining(TrainerCallback):
 
 
 
-def test_contract_train_then_proxy_run_without_anti_expert(tiny_family, tmp_path):
-    """`python -m training.sft ... model=small` prints the checkpoint on its last line; proxy.run then
-    takes it (or its registered name) as the expert with the anti-expert from its card."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "training.sft", "+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}",
-         f"model={tiny_family.small}", "training.max_steps=3", f"paths.outputs={tmp_path / 'outputs'}",
-         "training.activation_checkpointing=false", "training.per_device_train_batch_size=2",
-         "logger=wandb", "name=contract-expert"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    folder = out.stdout.strip().splitlines()[-1]
+def test_contract_train_then_proxy_run_without_anti_expert(tiny_family, tmp_path, monkeypatch):
+    """A trained checkpoint, logged to W&B, is what proxy.run takes (its folder or its registered name) as
+    the expert, with the anti-expert from its card. (The command line's last line, the folder: test_faults.)"""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg("sft", tiny_family.small, tmp_path / "outputs", "+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}",
+                   "logger=wandb", "name=contract-expert", steps=3)
+    folder = sft.run(cfg)["path"]
     card = read_card(folder)
     assert card.name == "contract-expert" and card.tuned_from == tiny_family.small
     assert card.wandb.get("id") and card.wandb.get("artifact") == "contract-expert:latest"

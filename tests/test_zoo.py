@@ -10,16 +10,15 @@ Invariants, exact, for the plain and the speculative engine at batch 1 and 4:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from zoo import PROMPTS
 
+from core.loading import load_model, load_tokenizer
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
-from proxy.loading import load_model, load_tokenizer
 from proxy.prompts import CHAT, render
 from proxy.speculative import SpeculativeProxyEngine
-from zoo import PROMPTS
 
 FAMILIES = ["llama2", "llama3", "mistral", "qwen2", "gemma2", "pythia", "olmo", "tulu", "chatml", "wordlevel"]
 ENGINES = ["plain", "speculative"]
@@ -33,6 +32,14 @@ class Loaded:
         self.tok = {role: load_tokenizer(getattr(family, role)) for role in ("base", "anti", "expert")}
         self.model = {role: load_model(getattr(family, role)) for role in ("base", "anti", "expert")}
         self.fmt = CHAT if family.chat else None
+        self._references: dict[tuple, list[list[int]]] = {}
+
+    def reference(self, role, config, fmt=None, extra_ends=()) -> list[list[int]]:
+        """`library_generate` of a role's model over PROMPTS, once per config (engines and batch sizes share it)."""
+        key = (role, fmt, config.to_json_string(), tuple(extra_ends))
+        if key not in self._references:
+            self._references[key] = library_generate(self.model[role], self.tok[role], PROMPTS, config, fmt, extra_ends)
+        return self._references[key]
 
     def pair(self, alpha=1.0, expert="expert", fmt="own"):
         return [SteeringPair(self.model[expert], self.model["anti"], alpha, self.fmt if fmt == "own" else fmt,
@@ -86,8 +93,7 @@ def test_alpha_zero_is_the_base_own_generate(loaded, family, kind, batch):
     f = loaded(family)
     eng = engine(kind, f.model["base"], f.tok["base"], f.pair(alpha=0.0))
     gens = eng.generate(PROMPTS, settings(batch))
-    config = eng.rules(settings(batch)).config
-    assert ids(gens) == library_generate(f.model["base"], f.tok["base"], PROMPTS, config)
+    assert ids(gens) == f.reference("base", eng.rules(settings(batch)).config)
     assert any(g.finish_reason == "eos" for g in gens), "the zoo's bases end part-way"
 
 
@@ -121,8 +127,7 @@ def test_base_equal_to_anti_expert_gives_the_expert_on_its_own_rendering(loaded,
     eng = engine(kind, f.model["anti"], f.tok["anti"], f.pair(alpha=1.0))
     gens = eng.generate(PROMPTS, settings(batch))
     expert_ends = eng.streams[eng.pair_keys[0][0]].ends  # its own ends, also those past the shared vocabulary
-    want = library_generate(f.model["expert"], f.tok["expert"], PROMPTS, eng.rules(settings(batch)).config,
-                            fmt=f.fmt, extra_ends=expert_ends)
+    want = f.reference("expert", eng.rules(settings(batch)).config, fmt=f.fmt, extra_ends=expert_ends)
     assert ids(gens) == want
 
 
@@ -205,10 +210,9 @@ def test_a_shared_lora_pair_gives_the_tokens_of_two_models(loaded, lora_pairs, f
     two = [SteeringPair(merged, f.model["anti"], 1.0, tokenizer=f.tok["anti"], anti_tokenizer=f.tok["anti"])]
     shared = load_shared_pair(folder)
     one = [SteeringPair(shared, shared, 1.0, shared=True, tokenizer=f.tok["anti"], anti_tokenizer=f.tok["anti"])]
-    for batch in (1, 4):
-        want = ids(ProxyEngine(base, tok, two).generate(PROMPTS, settings(batch)))
-        assert ids(ProxyEngine(base, tok, one).generate(PROMPTS, settings(batch))) == want
-        assert ids(engine("speculative", base, tok, one).generate(PROMPTS, settings(batch))) == want
+    want = ids(ProxyEngine(base, tok, two).generate(PROMPTS, settings(4)))
+    assert ids(ProxyEngine(base, tok, one).generate(PROMPTS, settings(1))) == want
+    assert ids(engine("speculative", base, tok, one).generate(PROMPTS, settings(4))) == want
     assert want != ids(ProxyEngine(base, tok).generate(PROMPTS, settings(4)))  # the adapter matters
 
 
@@ -220,8 +224,9 @@ def test_a_shared_lora_pair_gives_the_tokens_of_two_models(loaded, lora_pairs, f
 def test_every_family_trains_with_trl(zoo, family, method, tmp_path):
     """Two steps of SFT, DPO (full) and SFT with LoRA (default targets: every linear layer), merged."""
     from helpers import FIXTURES, make_cfg
+
+    from core.registry import read_card
     from training import dpo, sft
-    from training.registry import read_card
 
     model = zoo[family].anti
     if method == "dpo":

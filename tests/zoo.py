@@ -188,8 +188,14 @@ def wordlevel_tokenizer():
 # ------------------------------------------------------------------------------------------ models
 
 def _config(kind: str, tok, hidden: int, layers: int, vocab_size: int | None = None, **extra):
-    from transformers import (Gemma2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OlmoConfig,
-                              Qwen2Config)
+    from transformers import (
+        Gemma2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OlmoConfig,
+        Qwen2Config,
+    )
 
     common = dict(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,

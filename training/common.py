@@ -27,16 +27,15 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from proxy.errors import UserError
-from proxy.io import atomic_write_json
-from proxy.jobs import config_hash, inputs_digest, mark_finished, skip_if_finished
-from proxy.loading import ModelSpec, check_spec, load_model, load_tokenizer, resolve_spec
-from proxy.tracking import tracked
-from proxy.vocab import tokenizer_fingerprint
+from core import PROJECT_ROOT
+from core.errors import UserError
+from core.files import atomic_write_json
+from core.jobs import config_hash, inputs_digest, run_job
+from core.loading import ModelSpec, check_spec, load_model, load_tokenizer, resolve_spec
+from core.registry import Card, register
+from core.vocabulary import tokenizer_fingerprint
 from training import tasks as tasks_lib
-from training.registry import Card, register
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_KEY = "model"
 # keys of the training group that are ours, not the TRL config's
 OWN_TRAINING_KEYS = {"merge", "keep_checkpoints", "args"}
@@ -115,15 +114,21 @@ def trainer_config(cfg: DictConfig, algorithm: str, out_dir: Path, report_to: st
         kwargs["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if not torch.cuda.is_available():
         kwargs.setdefault("dataloader_pin_memory", False)  # nothing to pin to; silences a warning per run
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise UserError(f"unknown training option(s) {unknown} for {cls.__name__}; see its fields in TRL's docs")
     kwargs.update(output_dir=str(out_dir), report_to=report_to, run_name=out_dir.name)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:
+    from transformers import HfArgumentParser
+
+    try:  # the parser refuses the names the config does not have
+        (args,) = HfArgumentParser(cls).parse_dict(kwargs)
+    except ValueError as err:
+        message = str(err).strip().splitlines()[0]
+        if "not used by the HfArgumentParser" in message:
+            unknown = message.split(":", 1)[1].strip()
+            raise UserError(f"unknown training option(s) {unknown} for {cls.__name__}; see its fields in TRL's docs"
+                            ) from None
+        raise UserError(f"bad training option: {message}") from None
+    except TypeError as err:
         raise UserError(f"bad training option: {str(err).strip().splitlines()[0]}") from None
+    return args
 
 
 # ---------------------------------------------------------------- names and folders
@@ -195,23 +200,12 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
     name = cfg.get("name") or default_name(cfg, algorithm)
     out = job_dir(cfg, name)
     digest = inputs_digest([*tasks_lib.task_files(task), spec.path])
-    done = skip_if_finished(out, cfg, str(out / "model"), digest)
-    if done is not None:
-        return done
-    examples = tasks_lib.examples(task, algorithm)
-    lora = peft_config(cfg)
-    tokenizer = load_tokenizer(spec)
-    if task.get("prompt_format") == "chat" and not getattr(tokenizer, "chat_template", None):
-        if not task.get("chat_template"):
-            raise UserError(f"task '{task.name}' trains in chat format but the tokenizer of '{spec.path}' has no "
-                            "chat template; set task.chat_template=<jinja template>")
-        tokenizer.chat_template = task.chat_template
-    resume = resumable_checkpoint(out, cfg, digest)
 
-    import datasets
-
-    dataset = datasets.Dataset.from_list(examples)
-    with tracked(cfg, job_type=algorithm, run_dir=str(out)) as tracker:
+    def fit(tracker) -> dict[str, Any]:
+        examples = tasks_lib.examples(task, algorithm)
+        lora = peft_config(cfg)
+        tokenizer = training_tokenizer(spec, task)
+        resume = resumable_checkpoint(out, cfg, digest)
         # the trainer's arguments exist before the model loads, so that under `accelerate launch` with
         # DeepSpeed ZeRO-3 the weights are partitioned as they load (no process holds the whole model)
         args = trainer_config(cfg, algorithm, out, report_to="wandb" if tracker.run is not None else "none")
@@ -223,7 +217,10 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
 
                 model = prepare_model_for_kbit_training(
                     model, use_gradient_checkpointing=bool(cfg.training.get("activation_checkpointing")))
-        trainer = _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callbacks)
+        import datasets
+
+        trainer = _make_trainer(algorithm, model, spec, args, datasets.Dataset.from_list(examples), tokenizer,
+                                lora, callbacks)
         if resume:
             print(f"resuming from {resume}")
         result = trainer.train(resume_from_checkpoint=resume)
@@ -231,20 +228,39 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
         model_dir = save_checkpoint(cfg, trainer, tokenizer, spec, out)
         metrics.update(path=str(model_dir.resolve()), name=name)
         if trainer.is_world_process_zero():  # under `accelerate launch`, one process registers
-            card = make_card(cfg, algorithm, name, model_dir, tokenizer, metrics, tracker.info)
-            art = tracker.artifact(str(model_dir), _slug(name), "model",
-                                   metadata={"tuned_from": card.tuned_from, "task": card.task, **card.method},
-                                   link_to=cfg.get("link_to"))
-            if art:
-                card.wandb["artifact"] = art
-            register(card)
-            tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            mark_finished(out, cfg, metrics, digest)
-            if not cfg.training.get("keep_checkpoints"):
-                for ckpt in out.glob("checkpoint-*"):
-                    shutil.rmtree(ckpt, ignore_errors=True)
+            publish(cfg, algorithm, name, model_dir, tokenizer, metrics, tracker)
         trainer.accelerator.wait_for_everyone()
+        return metrics
+
+    metrics = run_job(cfg, out, algorithm, digest, str(out / "model"), fit)
+    if not cfg.training.get("keep_checkpoints") and int(os.environ.get("RANK", "0") or 0) == 0:
+        for ckpt in out.glob("checkpoint-*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def training_tokenizer(spec: ModelSpec, task: DictConfig):
+    """The model's tokenizer, given the task's chat template when the task trains in chat format."""
+    tokenizer = load_tokenizer(spec)
+    if task.get("prompt_format") == "chat" and not getattr(tokenizer, "chat_template", None):
+        if not task.get("chat_template"):
+            raise UserError(f"task '{task.name}' trains in chat format but the tokenizer of '{spec.path}' has no "
+                            "chat template; set task.chat_template=<jinja template>")
+        tokenizer.chat_template = task.chat_template
+    return tokenizer
+
+
+def publish(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, tokenizer, metrics: dict[str, Any],
+            tracker) -> None:
+    """The checkpoint's card, its W&B artifact, and its registry entry."""
+    card = make_card(cfg, algorithm, name, model_dir, tokenizer, metrics, tracker.info)
+    art = tracker.artifact(str(model_dir), _slug(name), "model",
+                           metadata={"tuned_from": card.tuned_from, "task": card.task, **card.method},
+                           link_to=cfg.get("link_to"))
+    if art:
+        card.wandb["artifact"] = art
+    register(card)
+    tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
 def _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callbacks):
@@ -328,7 +344,7 @@ def pretrained_root(model: str) -> str:
 
     An expert tuned further (DPO on an SFT expert) keeps the pretrained model as its anti-expert, as
     the paper's chat expert (SFT then RLHF) is steered against the untuned base."""
-    from training.registry import resolve
+    from core.registry import resolve
 
     _, card = resolve(model)
     return card.tuned_from if card is not None else model

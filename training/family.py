@@ -10,6 +10,7 @@ not wall clock: memorisation has a sharp threshold in epochs (tiny-world.md).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -22,7 +23,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    DataCollatorForLanguageModeling,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
 from training import world as world_lib
 
@@ -139,16 +146,12 @@ def pretrain(
     steps_per_epoch = math.ceil(rows_per_epoch / batch_size)
     total_steps = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, total_steps // 20)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        # Packing differs a little per epoch, so the step count is an estimate: clamp.
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # warm up over 5% of the steps, then a cosine down to a tenth of the peak
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=max(1, total_steps // 20), num_training_steps=total_steps, min_lr_rate=0.1)
+    right = copy.deepcopy(tokenizer)
+    right.padding_side = "right"  # the tokenizer pads left, for generation
+    collate = DataCollatorForLanguageModeling(right, mlm=False)  # labels -100 on the padding
     model.train()
     epoch_losses = []
     progress = tqdm(total=total_steps, desc=desc, unit="step", mininterval=2.0)
@@ -158,8 +161,8 @@ def pretrain(
         rows = make_rows([token_lists[i] for i in order])
         losses = []
         for start in range(0, len(rows), batch_size):
-            input_ids, labels, mask = _collate(rows[start : start + batch_size], tokenizer.pad_token_id)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            batch = collate([{"input_ids": row} for row in rows[start : start + batch_size]])
+            loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -172,18 +175,6 @@ def pretrain(
     progress.close()
     model.eval()
     return epoch_losses
-
-
-def _collate(rows: list[list[int]], pad_id: int):
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        labels[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return input_ids, labels, mask
 
 
 def family_settings(seed: int, scale: str) -> dict:

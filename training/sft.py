@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import hydra
 from omegaconf import DictConfig
 
-from proxy.errors import exit_on_user_error
+from core.errors import exit_on_user_error
 from training.common import cli_main, train
 
 

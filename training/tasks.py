@@ -16,19 +16,20 @@ Every problem with the data is a UserError raised here, before any model is load
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from eval.metrics import extract_gsm8k_answer
-from proxy.errors import UserError
-from proxy.io import read_jsonl
+from core import CONF_DIR
+from core.errors import UserError
+from core.files import read_jsonl
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "conf" / "task"
+TASK_DIR = CONF_DIR / "task"
 ROLES = ("prompt", "completion", "chosen", "rejected")
 _FIELD = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 _MISSING = object()
+# a number as people write it: optional sign and $, thousands commas, decimals
+NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
 
 
 def task_names() -> list[str]:
@@ -50,10 +51,11 @@ def load_task(name_or_cfg: str | Mapping[str, Any], **overrides: Any) -> DictCon
 
 
 def get_field(record: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
-    """`record["answer"]["value"]` for path "answer.value"."""
+    """`record["answer"]["value"]` for path "answer.value"; a null value counts as missing (datasets' json
+    loader gives a record every field any record has, null where it has none)."""
     value: Any = record
     for part in path.split("."):
-        if isinstance(value, Mapping) and part in value:
+        if isinstance(value, Mapping) and value.get(part) is not None:
             value = value[part]
         elif default is not _MISSING:
             return default
@@ -209,3 +211,19 @@ def examples(task: DictConfig, method: str = "sft") -> list[dict[str, Any]]:
     records = load_records(task, method)
     source = _describe(task)
     return [to_example(task, r, method, where=f"record {i + 1} of {source}") for i, r in enumerate(records)]
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The final number of a GSM8K solution: the one after '####' if present, else the last number
+    in the text (what a model that did not learn the '####' convention ends with). Commas removed."""
+    text = str(text)
+    if "####" in text:
+        tail = text.split("####", 1)[1]
+        match = NUMBER.search(tail)
+    else:
+        found = list(NUMBER.finditer(text))
+        match = found[-1] if found else None
+    if match is None:
+        return None
+    value = match.group(0).replace(",", "").replace("$", "").replace(" ", "")
+    return value.rstrip(".") or None

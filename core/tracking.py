@@ -88,8 +88,10 @@ def _group() -> str | None:
 
 
 @contextlib.contextmanager
-def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None) -> Iterator[Tracker]:
-    """Open one W&B run with the resolved config for a stage, and close it whatever happens."""
+def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None, run_id: str | None = None
+            ) -> Iterator[Tracker]:
+    """Open one W&B run with the resolved config for a stage, and close it whatever happens (W&B's own run
+    context). With `run_id`, a job that was interrupted and runs again continues the same W&B run."""
     logger = cfg.get("logger") or {}
     # under a distributed launch only the first process logs (the others' metrics are the same run's)
     if not logger or logger.get("name", "none") == "none" or int(os.environ.get("RANK", "0") or 0) > 0:
@@ -100,7 +102,7 @@ def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None) -> Itera
     if os.environ.get("WANDB_MODE") is None and not logged_in():
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(
+    with wandb.init(
         project=logger.get("project", "proxy-tuning"),
         entity=logger.get("entity"),
         group=logger.get("group") or _group(),
@@ -108,9 +110,8 @@ def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None) -> Itera
         tags=list(logger.get("tags") or []),
         config=OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True),
         dir=run_dir,
+        id=run_id,
+        resume="allow" if run_id else None,
         reinit="finish_previous",
-    )
-    try:
+    ) as run:
         yield Tracker(run)
-    finally:
-        wandb.finish()

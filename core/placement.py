@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from proxy.errors import UserError
+from core.errors import UserError
 
 SMALL_ROLES = ("expert", "anti_expert")
 

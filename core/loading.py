@@ -9,10 +9,15 @@ from typing import Any, Mapping
 import torch
 from omegaconf import OmegaConf
 
-from proxy.errors import UserError
-from proxy.placement import Machine, compute_dtype, decoding_device_map, training_device_map
+from core import CONF_DIR
+from core.errors import UserError
+from core.placement import (
+    Machine,
+    compute_dtype,
+    decoding_device_map,
+    training_device_map,
+)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESET_DIR = CONF_DIR / "presets"
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
 
@@ -59,7 +64,7 @@ def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) 
     if data is not None:
         spec = ModelSpec(**{k: v for k, v in data.items() if k in {f.name for f in fields(ModelSpec)}})
     elif not Path(name_or_path).expanduser().exists():
-        from training.registry import resolve
+        from core.registry import resolve
 
         spec = ModelSpec(path=resolve(name_or_path)[0])  # a registered name becomes its folder; else as given
     else:
@@ -153,7 +158,7 @@ def load_tokenizer(spec: ModelSpec | str):
 def load_model(spec: ModelSpec | str, *, for_training: bool = False, role: str = "base",
                machine: Machine | None = None):
     """Load a causal LM for decoding in `role` (base, expert or anti_expert: eval mode, no grad, placed by
-    `proxy.placement`) or, with for_training, as it is, for the Trainer to place."""
+    `core.placement`) or, with for_training, as it is, for the Trainer to place."""
     from transformers import AutoModelForCausalLM
 
     spec = spec if isinstance(spec, ModelSpec) else resolve_spec(spec)

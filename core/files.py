@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from proxy.errors import UserError
+from core.errors import UserError
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
@@ -43,24 +43,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Records of a JSONL file; UserError naming the file and line for anything malformed."""
+    """Records of a JSONL file, read by datasets' json loader (a field that some records lack is None in
+    them); UserError naming the file for anything malformed."""
+    import datasets
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"file '{path}' does not exist; give a JSONL file with one JSON object per line")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{n} is not valid JSON ({err.msg})") from None
-        missing = [k for k in required if k not in rec]
-        if missing:
-            raise UserError(f"{path}:{n} has no field {missing[0]!r} (fields: {sorted(rec)})")
-        records.append(rec)
-    if not records:
+    if not path.read_text().strip():
         raise UserError(f"{path} holds no records")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        records = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    except Exception as err:  # pyarrow's parse error (with its row) is the cause
+        cause = err.__cause__ or err
+        raise UserError(f"{path} is not valid JSONL: {str(cause).strip().splitlines()[0]}") from None
+    for n, rec in enumerate(records, 1):
+        missing = [k for k in required if rec.get(k) is None]
+        if missing:
+            raise UserError(f"{path}: record {n} has no field {missing[0]!r} "
+                            f"(fields: {sorted(k for k, v in rec.items() if v is not None)})")
     return records
 
 

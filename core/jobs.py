@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from proxy.io import atomic_write_json
+from core.files import atomic_write_json
 
 RESULT_FILE = "result.json"
 HASHED_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones (weights) by size and mtime
@@ -87,6 +88,25 @@ def skip_if_finished(out_dir: str | Path, cfg: DictConfig, what: str, digest: st
 def mark_finished(out_dir: str | Path, cfg: DictConfig, metrics: dict[str, Any], digest: str = "") -> None:
     atomic_write_json(Path(out_dir) / RESULT_FILE,
                       {"config_hash": config_hash(cfg), "inputs_digest": digest, "metrics": metrics})
+
+
+def run_job(cfg: DictConfig, out_dir: str | Path, job_type: str, digest: str, what: str,
+            work: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Every stage's job, in one place: its saved result if it already finished with this config and these
+    inputs (`digest`); else `work(tracker)` inside the stage's W&B run (closed whatever happens), and the
+    result recorded (by the first process of a distributed launch) for the next run to find."""
+    done = skip_if_finished(out_dir, cfg, what, digest)
+    if done is not None:
+        return done
+    from core.tracking import tracked
+
+    # the same job from the same inputs (an interrupted run, run again) continues one W&B run
+    run_id = hashlib.sha256(f"{Path(out_dir).resolve()}|{config_hash(cfg)}|{digest}".encode()).hexdigest()[:16]
+    with tracked(cfg, job_type=job_type, run_dir=str(out_dir), run_id=run_id) as tracker:
+        metrics = work(tracker)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        mark_finished(out_dir, cfg, metrics, digest)
+    return metrics
 
 
 def hydra_output_dir() -> str:
