@@ -1,5 +1,6 @@
 # `make demo` runs the whole workflow on the embedded tiny family; `make test` runs the tests;
-# `make bench` runs the decoding benchmark. Each sets up .venv first (idempotent).
+# `make bench` runs the decoding and serving benchmarks; `make serve` serves the demo's proxy-tuned model.
+# Each sets up .venv first (idempotent).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench serve clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,11 @@ test: setup
 
 bench: setup
 	WANDB_MODE=offline $(PY) -m scripts.bench_decoding
+	WANDB_MODE=offline $(PY) -m scripts.bench_serving
+
+# the embedded family's proxy-tuned model (after `make demo`), at http://127.0.0.1:8000/
+serve: setup
+	WANDB_MODE=offline $(PY) -m proxy.serve base=tiny-large expert=tiny-expert-lora logger=none
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

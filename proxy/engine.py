@@ -23,9 +23,9 @@ import torch
 from core.errors import UserError
 from proxy.combine import proxy_logits, shared_logits, token_diagnostics
 from proxy.decoding import DecodeRules, GenerationSettings, Rows
-from proxy.prompts import CHAT, RAW, render
+from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
 from proxy.streams import ModelStream, left_pad, model_device
-from proxy.text import cut_at_stop, generated_text
+from proxy.text import final_text
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
 __all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair", "check_alpha"]
@@ -141,9 +141,10 @@ class ProxyEngine:
     """
 
     def __init__(self, base, tokenizer, pairs: Sequence[SteeringPair] = (), tokenizers: dict | None = None,
-                 parallel: bool = False):
+                 parallel: bool = False, base_format: str | None = None):
         self.base = base
         self.tokenizer = tokenizer
+        self.base_format = base_format  # how the base reads prompts: raw, unless it is a chat model decoding alone
         self.pairs = list(pairs)
         for pair in self.pairs:
             pair.alpha = check_alpha(pair.alpha)
@@ -181,7 +182,7 @@ class ProxyEngine:
                 streams[key] = Stream(model, tokenizer, fmt, end_ids(model, tokenizer))
             return key
 
-        base_key = key_for(self.base, self.tokenizer, None)
+        base_key = key_for(self.base, self.tokenizer, self.base_format)
         pair_keys = []
         for p in self.pairs:
             expert_key = key_for(p.expert, p.tokenizer or self.tokenizer, p.expert_format)
@@ -217,27 +218,30 @@ class ProxyEngine:
     def context_limit(self, model) -> int | None:
         return getattr(model.config, "max_position_embeddings", None)
 
-    def _encode_batch(self, prompts: Sequence[str], extra: int, prompt_ids: Sequence[list[int]] | None = None
-                      ) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
-        """Every stream's left-padded (ids, mask) for the prompts; UserError for one too long for a model.
-
-        `prompt_ids` are the prompts as the caller tokenized them (lm-eval does): every stream that
-        reads the raw prompt takes them; a stream with its own rendering still reads the text."""
-        padded = {}
+    def encode_prompt(self, prompt: Prompt, extra: int, ids: Sequence[int] | None = None) -> dict[tuple, list[int]]:
+        """What every stream reads for one prompt (text, or chat messages); UserError where it is too long
+        for a model with `extra` new tokens. `ids`: the prompt as the caller already tokenized it (lm-eval,
+        token-id requests): every stream that reads the raw prompt takes them, and a stream with its own
+        rendering still reads the text."""
+        encoded = {}
         for key, stream in self.streams.items():
-            if prompt_ids is not None and stream.fmt is None:
-                rows = [list(ids) or stream.empty_prompt_ids for ids in prompt_ids]
-            else:
-                rows = [stream.encode(p) for p in prompts]
+            row = (list(ids) or stream.empty_prompt_ids) if ids is not None and stream.fmt is None else stream.encode(prompt)
             limit = self.context_limit(stream.model)
-            for i, ids in enumerate(rows):
-                if limit is not None and len(ids) + extra > limit:
-                    raise UserError(
-                        f"prompt {i} ({prompts[i][:40]!r}...) is {len(ids)} tokens; with {extra} new tokens it "
-                        f"exceeds the model's context of {limit}; shorten it or lower generation.max_new_tokens"
-                    )
-            padded[key] = left_pad(rows, stream.pad_id)
-        return padded
+            if limit is not None and len(row) + extra > limit:
+                shown = prompt if isinstance(prompt, str) else plain_text(prompt)
+                raise UserError(
+                    f"the prompt ({shown[:40]!r}...) is {len(row)} tokens; with {extra} new tokens it exceeds the "
+                    f"model's context of {limit}; shorten it or ask for fewer new tokens (generation.max_new_tokens)"
+                )
+            encoded[key] = row
+        return encoded
+
+    def _encode_batch(self, prompts: Sequence[Prompt], extra: int, prompt_ids: Sequence[list[int]] | None = None
+                      ) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """Every stream's left-padded (ids, mask) for the prompts (see `encode_prompt`)."""
+        encoded = [self.encode_prompt(p, extra, None if prompt_ids is None else prompt_ids[i])
+                   for i, p in enumerate(prompts)]
+        return {key: left_pad([e[key] for e in encoded], stream.pad_id) for key, stream in self.streams.items()}
 
     def _view(self, key, logits: torch.Tensor) -> torch.Tensor:
         """A stream's logits over the shared vocabulary, its ends beyond it folded into the shared end id."""
@@ -341,14 +345,10 @@ class ProxyEngine:
 
     def _finish(self, prompts, rows: Rows, trace=None) -> list[Generation]:
         """Each row's text (the pipeline's, cut at the first stop string) and ids (without the ending id)."""
-        out = []
-        for row, (prompt, ids, reason) in enumerate(zip(prompts, rows.generated, rows.reasons)):
-            text = generated_text(self.tokenizer, ids)
-            if reason == "stop":
-                text = cut_at_stop(text, rows.rules.stop_strings.stop)
-            out.append(Generation(prompt=prompt, text=text, token_ids=ids[:-1] if reason == "eos" else ids,
-                                  finish_reason=reason, diagnostics=None if trace is None else trace[row]))
-        return out
+        return [Generation(prompt=prompt, text=final_text(self.tokenizer, ids, reason, rows.rules.stop_strings.stop),
+                           token_ids=ids[:-1] if reason == "eos" else ids, finish_reason=reason,
+                           diagnostics=None if trace is None else trace[row])
+                for row, (prompt, ids, reason) in enumerate(zip(prompts, rows.generated, rows.reasons))]
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[dict]:
@@ -407,6 +407,9 @@ class ProxyEngine:
                     "logprob": float(token_lp.sum()),
                     "num_tokens": n,
                     "is_greedy": bool((lp.argmax(-1) == target).all()),
+                    "token_logprobs": token_lp.tolist(),  # per continuation token
+                    "top_ids": lp.argmax(-1).tolist(),  # the proxy's own choice at each position
+                    "top_logprobs": lp.max(-1).values.tolist(),
                 }
             )
         return results

@@ -20,6 +20,8 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class SharedLoraPair(torch.nn.Module):
+    batch_copies = 2  # its cache holds every row twice: adapter on, then adapter off
+
     def __init__(self, peft_model, adapter_name: str | None = None):
         super().__init__()
         if not hasattr(peft_model, "peft_config"):

@@ -165,3 +165,53 @@ class ModelStream:
             self.mask = self.mask[:, :-drop]
             self.pos = self.pos[:, :-drop]
         self.dense = self.dense and bool(self.mask.all())
+
+    # -- rows joining and leaving a running batch (continuous batching) ---------------------------------
+    @torch.inference_mode()
+    def join(self, other: "ModelStream") -> None:
+        """Append the rows of another stream of the same model (its own prefill) below these.
+
+        The caches are aligned on the right: the shorter side gets masked slots on the left, so every
+        row keeps its own positions and sees exactly what it saw alone."""
+        if self.cache is None:
+            self.cache, self.mask, self.pos, self.next_pos = other.cache, other.mask, other.pos, other.next_pos
+            self.dense = other.dense
+            return
+        self.layout.check_rollback("joining a running batch")
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        copies = getattr(self.model, "batch_copies", 1)  # a shared LoRA pair caches [expert rows | anti rows]
+
+        def stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            parts = [p for pair in zip(left(a, -2).chunk(copies), left(b, -2).chunk(copies)) for p in pair]
+            return torch.cat(parts, dim=0)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys, mine.values = stack(mine.keys, theirs.keys), stack(mine.values, theirs.values)
+        self.mask = torch.cat([left(self.mask, 1), left(other.mask, 1)], dim=0)
+        self.pos = torch.cat([left(self.pos, 1), left(other.pos, 1)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos], dim=0)
+        self.dense = self.dense and other.dense and bool(self.mask.all())
+
+    @torch.inference_mode()
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows (finished or cancelled ones leave); drop the slots no row uses any more."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        copies, batch = getattr(self.model, "batch_copies", 1), self.mask.shape[0]
+        self.cache.batch_select_indices(torch.cat([index + c * batch for c in range(copies)]))
+        self.mask, self.pos, self.next_pos = self.mask[index], self.pos[index], self.next_pos[index]
+        used = self.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else self.mask.shape[1]
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask, self.pos = self.mask[:, first:], self.pos[:, first:]
+        self.dense = bool(self.mask.all())

@@ -15,6 +15,12 @@ def generated_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+def final_text(tokenizer, ids: Sequence[int], reason: str | None, stop: Sequence[str] = ()) -> str:
+    """The text of a row that ended for `reason`: the pipeline's text, cut where a stop string starts."""
+    text = generated_text(tokenizer, ids)
+    return cut_at_stop(text, stop) if reason == "stop" else text
+
+
 def cut_at_stop(text: str, stop: Sequence[str] | str = ()) -> str:
     """The text before the first stop string (a bare string is one stop string)."""
     stops = [stop] if isinstance(stop, str) else list(stop or ())

@@ -1,0 +1,288 @@
+"""The OpenAI-compatible server on a live port (127.0.0.1), driven by the official `openai` client, by
+lm-eval's `local-completions` model and by a headless browser: answers equal the offline engine's,
+concurrent requests share batches, bad requests get OpenAI's error JSON, a full queue a 503."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import compose_app
+
+from proxy.api import Served, create_app
+from proxy.batcher import Batcher
+from proxy.engine import GenerationSettings
+from proxy.run import generation_settings
+from proxy.serve import running as live
+from proxy.serve import served_models
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTIONS = [" the quick brown", " Question: where was the person born?\nAnswer:", " a b c",
+             " proxy tuning steers a large model with a small", " the lazy dog", ""]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_family):
+    return compose_app("serve", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
+                       f"anti_expert={tiny_family.small}", "logger=none", "server.model_name=tiny-proxy",
+                       "generation.max_new_tokens=24")
+
+
+@pytest.fixture(scope="module")
+def service(config):
+    models = served_models(config)
+    with live(create_app(models, generation_settings(config.generation))) as url:
+        yield {"url": url, "models": {m.role: m for m in models}}
+    for m in models:
+        m.batcher.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return openai.OpenAI(base_url=f"{service['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def offline(service, prompts, alpha=None, max_tokens=24, stop=()):
+    """The engine's own greedy answers, as proxy.run computes them (alpha: the first pair's strength)."""
+    engine = service["models"]["proxy"].batcher.engine
+    pair = engine.pairs[0]
+    old, pair.alpha = pair.alpha, pair.alpha if alpha is None else alpha
+    try:
+        gens = engine.generate(prompts, GenerationSettings(max_new_tokens=max_tokens, do_sample=False, stop=list(stop)))
+    finally:
+        pair.alpha = old
+    return [g.text for g in gens]
+
+
+def test_the_models_are_the_proxy_the_base_and_the_expert(client):
+    roles = {m.id: m.model_extra["role"] for m in client.models.list().data}
+    assert roles["tiny-proxy"] == "proxy" and sorted(roles.values()) == ["base", "expert", "proxy"]
+
+
+def test_greedy_completions_are_what_proxy_run_writes(service, client, tiny_family, tmp_path, config):
+    from proxy.run import run
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    run(compose_app("proxy", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
+                    f"anti_expert={tiny_family.small}", f"prompts={prompts}", "logger=none",
+                    "generation.max_new_tokens=24"), str(tmp_path / "run"))
+    written = [json.loads(line)["generation"] for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    answer = client.completions.create(model="tiny-proxy", prompt=QUESTIONS, max_tokens=24, temperature=0)
+    assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == written
+    assert answer.usage.completion_tokens > 0
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model="tiny-proxy", prompt=QUESTIONS[1], max_tokens=24, temperature=0, stream=True))
+    assert streamed == written[1]
+
+
+def test_alpha_steers_per_request_and_the_base_is_alpha_zero(service, client):
+    base_name = service["models"]["base"].name
+    for alpha in (0.0, 1.7):
+        got = client.completions.create(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=16, temperature=0,
+                                        extra_body={"alpha": alpha}).choices[0].text
+        assert got == offline(service, QUESTIONS[:1], alpha=alpha, max_tokens=16)[0]
+    alone = client.completions.create(model=base_name, prompt=QUESTIONS[0], max_tokens=16, temperature=0)
+    assert alone.choices[0].text == offline(service, QUESTIONS[:1], alpha=0.0, max_tokens=16)[0]
+
+
+def test_chat_completions_plain_and_streamed(service, client):
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    reply = client.chat.completions.create(model="tiny-proxy", messages=messages, max_tokens=16, temperature=0)
+    text = reply.choices[0].message.content
+    assert reply.choices[0].message.role == "assistant" and text == offline(service, QUESTIONS[1:2], max_tokens=16)[0]
+    chunks = list(client.chat.completions.create(model="tiny-proxy", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_seed_logprobs_and_diagnostics(service, client):
+    free = offline(service, QUESTIONS[:1], max_tokens=24)[0]
+    stop = free[4:6]
+    cut = client.completions.create(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=24, temperature=0, stop=stop)
+    assert cut.choices[0].text == free[: free.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=12, temperature=0.9,
+                                         top_p=0.95, seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]
+    with_lp = client.completions.create(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=6, temperature=0,
+                                        logprobs=2, extra_body={"diagnostics": True})
+    lp = with_lp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) > 0
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    diagnostics = with_lp.choices[0].model_extra["diagnostics"]
+    assert all(d["kl"] >= 0 and isinstance(d["changed"], bool) for d in diagnostics)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"model": "nope", "prompt": "x"}, "unknown model 'nope'"),
+    ({"model": "tiny-proxy", "prompt": "x", "max_tokens": 0}, "max_tokens must be at least 1"),
+    ({"model": "tiny-proxy", "prompt": "x", "alpha": "abc"}, "alpha must be a number"),
+    ({"model": "tiny-proxy", "prompt": "x", "alpha": "nan"}, "alpha must be a finite number"),
+    ({"model": "tiny-proxy", "prompt": " the" * 300}, "exceeds the model's context"),
+    ({"model": "tiny-proxy"}, "prompt"),
+])
+def test_bad_requests_get_one_sentence_and_the_server_keeps_serving(service, body, fragment):
+    answer = httpx.post(f"{service['url']}/v1/completions", json=body, timeout=60)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    ok = httpx.post(f"{service['url']}/v1/completions", json={"model": "tiny-proxy", "prompt": "x", "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+def test_sixteen_clients_share_batches_and_every_greedy_answer_is_the_engine_s(service, client):
+    """16 concurrent clients x 8 requests: other prompts, strengths and budgets in one running batch."""
+    cases = [(QUESTIONS[i % 5], [None, 0.5, 1.5][i % 3], 8 + 4 * (i % 4)) for i in range(16 * 8)]
+    want = {case: offline(service, [case[0]], alpha=case[1], max_tokens=case[2])[0] for case in set(cases)}
+    batcher = service["models"]["proxy"].batcher
+
+    def ask(case):
+        prompt, alpha, max_tokens = case
+        extra = {} if alpha is None else {"alpha": alpha}
+        return client.completions.create(model="tiny-proxy", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                         extra_body=extra).choices[0].text
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = list(pool.map(ask, cases))
+    assert len(got) == len(cases)
+    assert [g == want[c] for g, c in zip(got, cases)] == [True] * len(cases)
+    assert batcher.live.peak_rows > 1
+
+
+def test_a_client_that_disconnects_frees_its_row(service):
+    batcher = service["models"]["proxy"].batcher
+    body = {"model": "tiny-proxy", "prompt": QUESTIONS[0], "max_tokens": 200, "temperature": 0, "stream": True,
+            "stop": []}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{service['url']}/v1/completions", json=body) as answer:
+        next(answer.iter_lines())
+    deadline = time.monotonic() + 20
+    while batcher.live.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batcher.live.rows
+
+
+def test_a_full_queue_answers_503_and_never_hangs(service, config):
+    engine = service["models"]["proxy"].batcher.engine
+    small = Batcher(engine, max_batch=1, max_queue=1)
+    app = create_app([Served("tiny-proxy", "proxy", small)], generation_settings(config.generation))
+    body = {"model": "tiny-proxy", "prompt": QUESTIONS[0], "max_tokens": 48, "temperature": 0, "stop": []}
+    try:
+        with live(app) as url, ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, timeout=120), range(6)))
+    finally:
+        small.close()
+    codes = sorted(a.status_code for a in answers)
+    assert 503 in codes and 200 in codes
+    busy = next(a for a in answers if a.status_code == 503).json()["error"]
+    assert "busy" in busy["message"]
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_gives_the_proxy_model_s_answers(service, tiny_family):
+    """lm-eval's own OpenAI-protocol client against the server: its answers are the `proxy` model type's."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import eval.lm_eval_proxy  # noqa: F401  registers "proxy"
+
+    tasks = ["proxy_tiny_gen", "proxy_tiny_mc"]
+    manager = TaskManager(include_path=str(ROOT / "tests" / "fixtures" / "lm_eval"), include_defaults=False)
+    common = dict(tasks=tasks, log_samples=True, bootstrap_iters=0, task_manager=manager)
+    remote = lm_eval.simple_evaluate(
+        model="local-completions", model_args=f"model=tiny-proxy,base_url={service['url']}/v1/completions,"
+        f"tokenizer_backend=huggingface,tokenizer={tiny_family.large},num_concurrent=4,max_retries=1", **common)
+    local = lm_eval.simple_evaluate(
+        model="proxy", model_args=f"base={tiny_family.large},expert={tiny_family.expert},"
+        f"anti_expert={tiny_family.small},alpha=1.0", **common)
+    for task in tasks:
+        got = [s["resps"] for s in remote["samples"][task]]
+        want = [s["resps"] for s in local["samples"][task]]
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want):
+            for (a,), (b,) in zip(g, w):
+                if isinstance(b, str):
+                    assert a == b
+                else:
+                    assert float(a[0]) == pytest.approx(float(b[0]), abs=1e-4) and bool(a[1]) == bool(b[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+def test_the_page_shows_each_proxy_token_coloured_by_what_the_expert_changed(service, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        driver.get(f"{service['url']}/?run=1&alpha=1.5&prompt=" + httpx.QueryParams({"p": QUESTIONS[1]})["p"])
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#out-proxy .done")
+                                        and d.find_elements(By.CSS_SELECTOR, "#out-base .done"))
+        tokens = driver.find_elements(By.CSS_SELECTOR, "#out-proxy .tok")
+        assert tokens and all("base would say" in t.get_attribute("title") for t in tokens)
+        assert any("rgba(230, 126, 34" in t.get_attribute("style") for t in tokens)
+        assert driver.find_elements(By.CSS_SELECTOR, "#out-base .tok")
+        driver.save_screenshot(str(tmp_path / "page.png"))
+    finally:
+        driver.quit()
+
+
+def test_the_server_refuses_what_it_cannot_batch_in_one_line(tiny_family):
+    from helpers import assert_one_error_line, run_in_process
+
+    args = [f"base={tiny_family.large}", f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+            "logger=none"]
+    result = run_in_process("serve", lambda cfg, _: served_models(cfg), *args, "proxy.speculative.k=4")
+    assert_one_error_line(*result, "drop proxy.speculative.k")
+
+
+@pytest.mark.slow
+def test_the_command_line_serves_until_stopped(tiny_family):
+    """`python -m proxy.serve ...` in its own process: it answers, then stops on SIGTERM (uvicorn shuts down
+    gracefully, then lets the signal end the process)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.serve", f"base={tiny_family.large}",
+                             f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}", "logger=none",
+                             f"server.port={port}", "server.log_level=warning"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True)
+    try:
+        url, answer = f"http://127.0.0.1:{port}", None
+        deadline = time.monotonic() + 120
+        while answer is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.post(f"{url}/v1/completions", timeout=30,
+                                    json={"model": "small", "prompt": "x", "max_tokens": 2})
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert answer is not None and answer.status_code == 400  # "small" is no served model's name
+        names = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        assert names == ["large+expert", "large", "expert"]
+        ok = httpx.post(f"{url}/v1/completions", json={"model": names[0], "prompt": "x", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "serving large+expert" in proc.stdout.read()
