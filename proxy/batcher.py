@@ -144,7 +144,7 @@ class LiveBatch:
         scores = engine.combine(self.logits, alphas)  # s_base + alpha_row * (s_expert - s_anti), (B, V)
         base = None
         if any(row.request.diagnostics for row in self.rows):
-            base = engine._view(engine.base_key, self.logits[engine.base_key]).to(engine.device)
+            base = engine.view(engine.base_key, self.logits[engine.base_key]).to(engine.device)
         tops = scores.argmax(-1).tolist()
         tokens = []
         for r, row in enumerate(self.rows):

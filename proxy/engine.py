@@ -243,7 +243,7 @@ class ProxyEngine:
                    for i, p in enumerate(prompts)]
         return {key: left_pad([e[key] for e in encoded], stream.pad_id) for key, stream in self.streams.items()}
 
-    def _view(self, key, logits: torch.Tensor) -> torch.Tensor:
+    def view(self, key, logits: torch.Tensor) -> torch.Tensor:
         """A stream's logits over the shared vocabulary, its ends beyond it folded into the shared end id."""
         stream = self.streams[key]
         fold = [i for i in stream.ends if self.vocab_size <= i < logits.shape[-1]]
@@ -256,11 +256,11 @@ class ProxyEngine:
             alpha = p.alpha if alphas is None else alphas[i]
             if p.shared:  # one stream whose logits are [expert | anti-expert]
                 width = logits[e].shape[-1] // 2
-                offsets.append((alpha, self._view(e, logits[e][..., :width]), self._view(e, logits[e][..., width:])))
+                offsets.append((alpha, self.view(e, logits[e][..., :width]), self.view(e, logits[e][..., width:])))
             else:
-                offsets.append((alpha, self._view(e, logits[e]), self._view(a, logits[a])))
+                offsets.append((alpha, self.view(e, logits[e]), self.view(a, logits[a])))
         # the scores meet on the device of the base's inputs (a base split over GPUs ends on another one)
-        return proxy_logits(self._view(self.base_key, logits[self.base_key]).to(self.device), offsets)
+        return proxy_logits(self.view(self.base_key, logits[self.base_key]).to(self.device), offsets)
 
     def rules(self, settings: GenerationSettings) -> DecodeRules:
         return DecodeRules(self.base, settings, self.stop_ids, self.pad_id, self.tokenizer, self.device)
@@ -304,7 +304,7 @@ class ProxyEngine:
             scores = self.combine(logits)  # s_base + alpha * (s_expert - s_anti)
             tokens = rules.pick(rows.process(scores[:, None])[:, 0])  # transformers' processors, argmax or sample
             if diagnostics:
-                self._record(trace, rows.active, tokens, self._view(self.base_key, logits[self.base_key]), scores, stats)
+                self._record(trace, rows.active, tokens, self.view(self.base_key, logits[self.base_key]), scores, stats)
             stats.new_tokens += rows.advance(tokens)  # each row ends on a stop id, a stop string or its budget
             stats.steps += 1
             if rows.done:

@@ -99,7 +99,7 @@ class SpeculativeBatch:
         """The drafter's own scores over the shared vocabulary (a shared pair's expert half)."""
         if self.shared:
             logits = logits[..., : logits.shape[-1] // 2]
-        return self.engine._view(self.draft_key, logits).to(self.engine.device)
+        return self.engine.view(self.draft_key, logits).to(self.engine.device)
 
     def combine_at(self, verify: dict, draft_logits: torch.Tensor) -> torch.Tensor:
         """Proxy scores (B, n, V) at the n positions the drafter's logits (B, n, V) cover."""
