@@ -155,9 +155,8 @@ class LiveBatch:
             events.append((row.request.listener, row.take(token, processed, None if base is None else base[r], scores[r])))
             tokens.append(token)
         keep = [r for r, row in enumerate(self.rows) if row.reason is None and not row.request.cancelled]
-        for r, row in enumerate(self.rows):
-            if row.reason is not None and not row.request.cancelled:
-                events.append((row.request.listener, row.end_event()))
+        events += [(row.request.listener, row.end_event()) for row in self.rows
+                   if row.reason is not None and not row.request.cancelled]
         self.leave(keep)
         if self.rows:
             step_tokens = torch.tensor([tokens[r] for r in keep], device=engine.device)

@@ -53,3 +53,14 @@ def test_shared_pair_loads_from_an_adapter_folder_and_speculates(lora, prompts):
     assert [g.token_ids for g in spec.generate(prompts, settings)] == want
     # only the base verifies: the drafting forwards already carry the anti-expert's logits
     assert len(spec.last_stats.per_model_forwards) == 2
+
+
+def test_a_shared_pair_s_rows_join_and_leave_a_running_batch(lora, prompts):
+    """Its cache holds each row twice (adapter on, then off): joining and leaving keep both halves aligned."""
+    from test_zoo import live_outputs
+
+    shared = load_shared_pair(lora["folder"])
+    engine = ProxyEngine(lora["large"], lora["tok"], [SteeringPair(shared, shared, 1.0, shared=True)])
+    settings = GenerationSettings(max_new_tokens=16, batch_size=1)
+    batch = prompts + prompts[::-1]
+    assert live_outputs(engine, batch, settings) == [g.token_ids for g in engine.generate(batch, settings)]

@@ -274,3 +274,43 @@ def test_the_paper_s_chat_expert_preset_reads_a_user_turn():
 
     pair = ResolvedPair("llama2-7b-chat", "llama2-7b", 1.0, None, "llama2-7b-chat")
     assert expert_format(pair, None, None, None, None) == CHAT
+
+
+# ---------------------------------------------------------------------------- continuous batching
+
+def live_outputs(engine_, prompts, settings_, join_after: int = 3) -> list[list[int]]:
+    """The rows' generated ids when the second half of the prompts joins the running batch after a few
+    steps, and rows leave as they end (the server's way of batching)."""
+    from proxy.batcher import LiveBatch, Request
+
+    out: dict[int, list[int]] = {}
+    requests = []
+    for i, p in enumerate(prompts):
+        request = Request(prompt=p, settings=settings_, listener=lambda e, i=i: out.setdefault(i, []).append(e))
+        request.encoded = engine_.encode_prompt(p, settings_.max_new_tokens)
+        requests.append(request)
+    half = len(requests) // 2
+    live = LiveBatch(engine_)
+    live.admit(requests[:half])
+    steps = 0
+    while live.rows or steps <= join_after:
+        if steps == join_after:
+            live.admit(requests[half:])
+        for listener, event in live.step() if live.rows else []:
+            listener(event)
+        steps += 1
+    ids = []
+    for i in range(len(prompts)):
+        tokens = [e["token_id"] for e in out[i] if e["type"] == "token"]
+        end = next(e for e in out[i] if e["type"] == "end")
+        ids.append(tokens[:-1] if end["finish_reason"] == "eos" else tokens)
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_joining_and_leaving_a_running_batch_decode_as_alone(loaded, family):
+    f = loaded(family)
+    eng = ProxyEngine(f.model["base"], f.tok["base"], f.pair())
+    prompts = PROMPTS + PROMPTS[::-1]
+    want = ids(eng.generate(prompts, settings(1)))
+    assert live_outputs(eng, prompts, settings(1)) == want
