@@ -23,6 +23,15 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~umask
 
 
+def apply_umask(folder: str | Path) -> None:
+    """Give every file below a folder the mode the umask gives: libraries that write through temporary files
+    (safetensors' weights) leave them readable by their owner alone."""
+    mode = umask_mode()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write through a temporary file renamed into place; the file gets the mode the umask gives
     (mkstemp makes it 0600, which would hide results from the colleagues sharing a folder)."""
@@ -53,18 +62,33 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str,
     if not path.read_text().strip():
         raise UserError(f"{path} holds no records")
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    try:
-        records = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
-    except Exception as err:  # pyarrow's parse error (with its row) is the cause
-        cause = err.__cause__ or err
-        raise UserError(f"{path} is not valid JSONL: {str(cause).strip().splitlines()[0]}") from None
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors become our one line
+    # a cache of its own, gone after reading: datasets' shared cache knows a file by its path and mtime, so
+    # an edit within the same second would read the old records, and every file read would stay there
+    with tempfile.TemporaryDirectory(prefix="jsonl-") as cache:
+        try:
+            records = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache).to_list()
+        except Exception:
+            raise UserError(f"{path} is not valid JSONL: {first_bad_line(path)}") from None
     for n, rec in enumerate(records, 1):
         missing = [k for k in required if rec.get(k) is None]
         if missing:
             raise UserError(f"{path}: record {n} has no field {missing[0]!r} "
                             f"(fields: {sorted(k for k, v in rec.items() if v is not None)})")
     return records
+
+
+def first_bad_line(path: Path) -> str:
+    """Where a JSONL file goes wrong, for the user: the first line that is no JSON object."""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                return f"line {n} is not a JSON object"
+        except json.JSONDecodeError as err:
+            return f"line {n}: {err.msg}"
+    return "its records do not share one structure (a field holds values of different types)"
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

@@ -68,7 +68,7 @@ def resolve_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) 
 
         spec = ModelSpec(path=resolve(name_or_path)[0])  # a registered name becomes its folder; else as given
     else:
-        spec = ModelSpec(path=name_or_path)
+        spec = ModelSpec(path=str(Path(name_or_path).expanduser()))
     return spec.with_overrides(overrides)
 
 

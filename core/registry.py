@@ -30,7 +30,7 @@ class Card:
     tuned_from: str  # the pretrained model this was tuned from (preset, hub id or path): the anti-expert
     task: str
     method: dict[str, Any]  # {"algorithm": "sft"|"dpo", "adaptation": "full"|"lora"|"lora-merged", ...}
-    parent: str | None = None  # the checkpoint training started from, when it was already tuned
+    parent: str | None = None  # the checkpoint training started from: tuned_from, or a tuned one tuned further
     prompt_format: str = "{prompt}"  # how the expert saw prompts in training (proxy.prompts.render)
     tokenizer_fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +108,12 @@ def update_scores(name_or_path: str, task: str, scores: dict[str, Any]) -> None:
     write_card(card)
 
 
+def display_name(name_or_path: str) -> str:
+    """How to show a model: its registered name if it has a card, else the last part of its path or hub id."""
+    _, card = resolve(name_or_path)
+    return card.name if card is not None else Path(str(name_or_path).rstrip("/")).name
+
+
 def entries() -> dict[str, Any]:
     return _read_index(registry_path())
 
@@ -117,8 +123,9 @@ def resolve(name_or_path: str) -> tuple[str, Card | None]:
 
     A hub id or a folder without a card gives (as given, None): it is a plain model."""
     name_or_path = str(name_or_path)
-    if Path(name_or_path).expanduser().is_dir():
-        return name_or_path, read_card(Path(name_or_path).expanduser())
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return str(folder), read_card(folder)
     entry = entries().get(name_or_path)
     if entry is None:
         return name_or_path, None

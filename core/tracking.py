@@ -90,8 +90,10 @@ def _group() -> str | None:
 @contextlib.contextmanager
 def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None, run_id: str | None = None
             ) -> Iterator[Tracker]:
-    """Open one W&B run with the resolved config for a stage, and close it whatever happens (W&B's own run
-    context). With `run_id`, a job that was interrupted and runs again continues the same W&B run."""
+    """Open one W&B run with the resolved config for a stage, and close it whatever happens, marked failed
+    when the stage failed. (Not W&B's own run context: it prints the traceback of every exception, and a
+    user's bad input must end in one `error:` line.) With `run_id`, a job that was interrupted and runs
+    again continues the same W&B run."""
     logger = cfg.get("logger") or {}
     # under a distributed launch only the first process logs (the others' metrics are the same run's)
     if not logger or logger.get("name", "none") == "none" or int(os.environ.get("RANK", "0") or 0) > 0:
@@ -102,7 +104,7 @@ def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None, run_id: 
     if os.environ.get("WANDB_MODE") is None and not logged_in():
         os.environ["WANDB_MODE"] = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
-    with wandb.init(
+    run = wandb.init(
         project=logger.get("project", "proxy-tuning"),
         entity=logger.get("entity"),
         group=logger.get("group") or _group(),
@@ -113,5 +115,10 @@ def tracked(cfg: DictConfig, job_type: str, run_dir: str | None = None, run_id: 
         id=run_id,
         resume="allow" if run_id else None,
         reinit="finish_previous",
-    ) as run:
+    )
+    try:
         yield Tracker(run)
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()

@@ -17,14 +17,13 @@ it gives the `hf` model's numbers on the same base.
 Model arguments: base, expert, anti_expert (default: the expert's card), alpha, expert_format,
 batch_size, max_length (the context used for rolling windows and prompt truncation; default: the
 smallest context of the loaded models), max_gen_toks (default 256, as `hf`), add_bos_token (as `hf`),
-model (a name for lm-eval's results folder; the CLI wrapper fills it), and per-role loading options
+model (the name lm-eval gives the results folder; the CLI wrapper fills it), and per-role loading options
 `<role>_<option>` with role base/expert/anti_expert and option dtype/quantization/device_map/
 attn_implementation (e.g. base_quantization=nf4,expert_dtype=bfloat16); dtype=... and device_map=...
 set all roles.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  registers lm-eval's own model types first (it skips that once any exists)
@@ -43,6 +42,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from core.errors import UserError
+from core.registry import display_name
 from proxy.engine import GenerationSettings, ProxyEngine
 
 ROLES = ("anti_expert", "expert", "base")  # anti_expert first: "anti_expert_dtype" also ends in "expert_dtype"
@@ -72,12 +72,25 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return load
 
 
-def run_name(base: str, expert: str | None, alpha: Any) -> str:
-    """A readable name for one proxy configuration (lm-eval's results folder): base, expert and alpha."""
-    def short(name: str | None) -> str:
-        return Path(str(name).rstrip("/")).name if name else "alone"
+def whole(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(value).strip() not in (str(number), f"{number}.0"):
+        raise UserError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return number
 
-    return f"proxy-{short(base)}-{short(expert)}-alpha{alpha}"
+
+def run_name(base: str, expert: str | None, alpha: Any, quantization: str | None = None) -> str:
+    """A readable name for one proxy configuration (lm-eval's results folder): base (and its quantization),
+    expert (its registered name when it has a card) and alpha."""
+    try:
+        strength = f"{float(alpha):g}"
+    except (TypeError, ValueError):
+        strength = str(alpha)
+    quantized = f"-{quantization}" if quantization else ""
+    return f"proxy-{display_name(base)}{quantized}-{display_name(expert) if expert else 'alone'}-alpha{strength}"
 
 
 @register_model("proxy")
@@ -100,6 +113,7 @@ class ProxyLM(TemplateLM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        del model  # only lm-eval reads it: the results folder's name
         kwargs.pop("max_batch_size", None)  # lm-eval passes these to every model type
         device = kwargs.pop("device", None)
         if engine is None:
@@ -119,13 +133,12 @@ class ProxyLM(TemplateLM):
             load_overrides(kwargs)  # refuses unknown names
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.name = model or run_name(base, expert, alpha)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> a fixed default
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = whole("max_gen_toks", max_gen_toks)
         self.add_bos_token = add_bos_token
         limits = [engine.context_limit(s.model) for s in engine.streams.values()]
         known = [n for n in limits if n]
-        self.max_length = int(max_length) if max_length else (min(known) if known else 2048)
+        self.max_length = whole("max_length", max_length) if max_length else (min(known) if known else 2048)
 
     # -- tokens, as lm-eval's hf model has them ------------------------------------------------------
     @property

@@ -58,15 +58,26 @@ def gap_closed(proxy: float, base: float, tuned: float) -> float | None:
     return (proxy - base) / (tuned - base) if tuned != base else None
 
 
+def evaluation_of(run: dict[str, Any]) -> tuple:
+    """What a score was measured on: runs are only compared over the same task, split and examples."""
+    return run["task"], run.get("split"), run["metrics"].get("num_examples")
+
+
 def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows: small base, small expert, large base, large tuned, then proxy rows with gap closed."""
-    metric = runs[0]["metric"] if runs else None
-    task = runs[0]["task"] if runs else None
-    alone = {identity(r["model"]): r for r in runs if r["role"] == "model" and r["task"] == task}
-    proxies = sorted((r for r in runs if r["role"] == "proxy" and r["task"] == task),
-                     key=lambda r: (str(r.get("expert")), str(r.get("variant")), r["alpha"]))
+    """Rows: small base, small expert, large base, large tuned, then proxy rows with gap closed.
+
+    The table holds one evaluation: the proxy runs' task, split and number of examples (the one with
+    the most examples where the folders hold several, e.g. a quick task.limit run beside a full one).
+    Of two runs of one model on it, the later folder wins."""
+    proxies = [r for r in runs if r["role"] == "proxy"]
     if not proxies:
         raise UserError("no proxy runs among these folders; evaluate one with python -m eval.run expert=...")
+    chosen = max({evaluation_of(r) for r in proxies}, key=lambda e: (e[2] or 0, str(e)))
+    runs = [r for r in runs if evaluation_of(r) == chosen]
+    metric, task = runs[0]["metric"], chosen[0]
+    alone = {identity(r["model"]): r for r in runs if r["role"] == "model"}
+    proxies = sorted((r for r in runs if r["role"] == "proxy"),
+                     key=lambda r: (str(r.get("expert")), str(r.get("variant")), r["alpha"]))
     rows: list[dict[str, Any]] = []
 
     def add(kind: str, run: dict | None, model: str | None):
@@ -146,12 +157,14 @@ def write_report(folders: list[str | Path], out_dir: str | Path) -> Path:
     if not runs:
         raise UserError(f"no finished eval runs (metrics.json) under {', '.join(map(str, folders))}")
     rows = build_table(runs)
-    metric = runs[0]["metric"]
+    measured = next(r for r in runs if r["run_dir"] == rows[-1]["run_dir"])  # the table's evaluation
+    task, metric = measured["task"], measured["metric"]
     out_dir = Path(out_dir)
     print(format_table(rows, metric))
-    plot = plot_alpha(rows, metric, out_dir / "alpha_curve.png", title=f"{runs[0]['task']}: {metric} against alpha")
+    plot = plot_alpha(rows, metric, out_dir / "alpha_curve.png", title=f"{task}: {metric} against alpha")
     best = max((r for r in rows if r["kind"] == "proxy"), key=lambda r: r[metric])
-    report = {"task": runs[0]["task"], "metric": metric, "rows": rows, "plot": str(plot),
+    report = {"task": task, "split": measured.get("split"), "num_examples": measured["metrics"].get("num_examples"),
+              "metric": metric, "rows": rows, "plot": str(plot),
               "best_proxy": {k: best.get(k) for k in ("expert", "alpha", metric, "gap_closed")}}
     path = out_dir / "report.json"
     atomic_write_json(path, report)

@@ -72,6 +72,9 @@ def score_multiple_choice(engine, task, records):
 
 def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     out_dir = out_dir or hydra_output_dir()
+    if cfg.get("model") and cfg.get("expert"):
+        raise UserError(f"give model= (a model alone) or base= with expert= (a proxy-tuned base), not both: "
+                        f"model={cfg.model} expert={cfg.expert}")
     if cfg.get("model"):
         with open_dict(cfg):
             cfg.base, cfg.expert = cfg.model, None
@@ -83,20 +86,28 @@ def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
         rows = task_rows(cfg, task, engine, pairs)
         result = {task.metric: M.mean(r["score"] for r in rows), "num_examples": len(rows),
                   **engine.last_stats.metrics()}
-        record = {"task": task.name, "metric": task.metric, **describe(cfg, pairs), "metrics": result}
+        record = {"task": task.name, "split": eval_split(task), "metric": task.metric, **describe(cfg, pairs),
+                  "metrics": result}
         write_jsonl(Path(out_dir) / "predictions.jsonl", rows)
         atomic_write_json(Path(out_dir) / METRICS_FILE, record)
         tracker.summary(result)
         tracker.table("predictions", [{k: r.get(k) for k in ("prompt", "generation", "prediction", "score")}
                                       for r in rows[:200]])
         if not pairs:
-            update_scores(str(cfg.base), task.name, {task.metric: result[task.metric]})
+            # a checkpoint's score is the whole split's: a run over the first records (task.limit) is not it
+            if not task.get("limit"):
+                update_scores(str(cfg.base), f"{task.name}:{eval_split(task)}", {task.metric: result[task.metric],
+                                                                       "num_examples": len(rows)})
         print(f"{task.name} {task.metric} = {result[task.metric]:.4f} over {len(rows)} examples "
               f"({record['role']}); wrote {Path(out_dir) / METRICS_FILE}")
         return record
 
     digest = run_inputs(cfg, pairs, *task_files(task))
     return run_job(cfg, out_dir, "eval", digest, str(Path(out_dir) / METRICS_FILE), score)
+
+
+def eval_split(task: DictConfig) -> str:
+    return str(task.get("eval_split") or task.get("split") or "train")
 
 
 def task_rows(cfg: DictConfig, task: DictConfig, engine, pairs) -> list[dict[str, Any]]:

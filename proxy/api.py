@@ -4,16 +4,20 @@ page at `/` that shows, token by token, what the expert pair changed.
 - GET  /v1/models
 - POST /v1/completions        prompt: a string, a list of them, token ids or lists of token ids
 - POST /v1/chat/completions   messages, rendered with the expert's chat template for the expert
-Both take max_tokens, temperature (0 = greedy), top_p, stop, seed, stream (server-sent events ending in
-`data: [DONE]`), and `alpha` to steer with another strength; completions also logprobs and echo. Extensions:
-`diagnostics: true` adds, per token, the base's own choice, whether the proxy changed it and KL(proxy || base).
-Bad requests get OpenAI's error JSON with status 400; a full queue, 503.
+Both take max_tokens, temperature (0 = greedy), top_p, stop, seed (without one each request samples anew),
+stream (server-sent events ending in `data: [DONE]`, with stream_options.include_usage), logprobs (completions:
+a count, with echo; chat: logprobs/top_logprobs) and `alpha` to steer with another strength. Log-probabilities
+are the proxy distribution's, softmax(s_base + alpha (s_expert - s_anti)), before temperature and top_p.
+Extension: `diagnostics: true` adds, per token, the base's own choice, whether the proxy changed it and
+KL(proxy || base). Errors are OpenAI's error JSON: 400 for a bad request, 404/405 for a wrong route, 503 for a
+full queue.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,11 +29,13 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import UserError
 from proxy.batcher import Batcher, Busy, Request
 from proxy.decoding import GenerationSettings
 from proxy.engine import check_alpha
+from proxy.text import generated_text
 
 PAGE = Path(__file__).with_name("page.html")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -57,6 +63,7 @@ class CompletionBody(BaseModel):
     logprobs: int | None = None
     echo: bool = False
     stream: bool = False
+    stream_options: dict | None = None
     n: int = 1
     alpha: Any = None
     diagnostics: bool = False
@@ -72,7 +79,10 @@ class ChatBody(BaseModel):
     top_p: float | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
     stream: bool = False
+    stream_options: dict | None = None
     n: int = 1
     alpha: Any = None
     diagnostics: bool = False
@@ -104,12 +114,17 @@ def settings_for(defaults: GenerationSettings, body, max_tokens: int | None) -> 
         raise BadRequest(f"temperature must be 0 (greedy) or more, got {body.temperature}", "temperature")
     sample = bool(body.temperature)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or defaults.stop)
-    return GenerationSettings(
-        max_new_tokens=max_tokens or defaults.max_new_tokens, min_new_tokens=defaults.min_new_tokens,
-        do_sample=sample, temperature=body.temperature if sample else None,
-        top_p=body.top_p if sample else None, top_k=defaults.top_k if sample else None,
-        repetition_penalty=defaults.repetition_penalty, seed=body.seed if body.seed is not None else defaults.seed,
-        stop=stop, config=dict(defaults.config or {}))
+    # as OpenAI's: without a seed, each request samples anew
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    try:
+        return GenerationSettings(
+            max_new_tokens=max_tokens or defaults.max_new_tokens, min_new_tokens=defaults.min_new_tokens,
+            do_sample=sample, temperature=body.temperature if sample else None,
+            top_p=body.top_p if sample else None, top_k=defaults.top_k if sample else None,
+            repetition_penalty=defaults.repetition_penalty, seed=seed,
+            stop=stop, config=dict(defaults.config or {}))
+    except UserError as err:  # the request's own names, not the command line's generation.<name>
+        raise BadRequest(str(err).replace("generation.", "")) from None
 
 
 def steering(served: Served, body) -> float | None:
@@ -136,14 +151,16 @@ class Exchange:
 
     async def events(self, http: HttpRequest):
         """(choice index, event) until every row has ended; the rows leave the batch if the client goes."""
-        open_rows = len(self.requests)
+        open_rows, checked = len(self.requests), time.monotonic()
         try:
             while open_rows:
+                if time.monotonic() - checked > 0.5:  # tokens may keep coming: ask now and then all the same
+                    if await http.is_disconnected():
+                        return
+                    checked = time.monotonic()
                 try:
                     index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
                     continue
                 if event["type"] in ("end", "error"):
                     open_rows -= 1
@@ -164,15 +181,21 @@ class Endpoints:
             raise BadRequest(f"unknown model '{name}'; this server has: {', '.join(self.by_name)}", "model")
         return self.by_name[name]
 
-    def start(self, model: Served, prompts: list[tuple[Any, list[int] | None]], settings, body, logprobs=None
-              ) -> Exchange:
+    async def start(self, model: Served, prompts: list[tuple[Any, list[int] | None]], settings, body,
+                    logprobs=None) -> Exchange:
         """The request's rows validated (400 for a bad one) and queued (503 when the queue is full)."""
         alpha = steering(model, body)
+        if len(prompts) > model.batcher.max_queue:
+            raise BadRequest(f"{len(prompts)} prompts in one request are more than the server queues "
+                             f"(server.max_queue={model.batcher.max_queue}); send them in smaller requests", "prompt")
         requests = [Request(prompt=p, prompt_ids=ids, settings=settings, listener=print, alpha=alpha,
                             logprobs=logprobs, diagnostics=bool(body.diagnostics)) for p, ids in prompts]
         try:
-            for request in requests:
-                model.batcher.validate(request)
+            model.batcher.engine.rules(settings)  # the settings, before any prompt
+        except UserError as err:
+            raise BadRequest(str(err)) from None
+        try:  # tokenizing a long prompt takes time: off the event loop, so that other clients are served
+            await asyncio.to_thread(lambda: [model.batcher.validate(r) for r in requests])
         except UserError as err:
             raise BadRequest(str(err), "prompt") from None
         exchange = Exchange(model, requests)
@@ -192,8 +215,10 @@ class Endpoints:
         if body.logprobs is not None and not 0 <= body.logprobs <= 20:
             raise BadRequest(f"logprobs must be between 0 and 20, got {body.logprobs}", "logprobs")
         prompts = completion_prompts(body.prompt, model.batcher.engine.tokenizer)
-        echoed = await echo_logprobs(model, prompts) if body.echo and body.logprobs is not None else None
-        exchange = self.start(model, prompts, settings, body, body.logprobs)
+        echoed = None
+        if body.echo and body.logprobs is not None:
+            echoed = await echo_logprobs(model, prompts, steering(model, body))
+        exchange = await self.start(model, prompts, settings, body, body.logprobs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
@@ -213,13 +238,15 @@ class Endpoints:
     async def chat(self, body: ChatBody, http: HttpRequest):
         model = self.served(body.model)
         settings = settings_for(self.defaults, body, body.max_completion_tokens or body.max_tokens)
-        exchange = self.start(model, [(chat_messages(body.messages), None)], settings, body)
+        top = chat_top_logprobs(body)
+        exchange = await self.start(model, [(chat_messages(body.messages), None)], settings, body, top)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
             return sse(chat_chunks(exchange.events(http), {**head, "object": "chat.completion.chunk"}, body))
         choices, usage = await collect(exchange.events(http), 1)
         out = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
+                "logprobs": chat_logprobs(c["tokens"], body.top_logprobs or 0) if body.logprobs else None,
                 **({"diagnostics": c["diagnostics"]} if body.diagnostics else {})} for i, c in enumerate(choices)]
         return {**head, "choices": out, "usage": usage}
 
@@ -241,8 +268,19 @@ def create_app(models: list[Served], defaults: GenerationSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')});"
+                                  " send a JSON object with Content-Type: application/json")
         where = ".".join(str(p) for p in first.get("loc", ())[1:])
         return error_response(f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # 404, 405: in OpenAI's error form too
+        message = {404: f"no route {request.url.path}; this server has /v1/models, /v1/completions, "
+                        "/v1/chat/completions, /health and /",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(message, exc.status_code, kind="not_found_error" if exc.status_code == 404
+                              else "invalid_request_error")
 
     @app.exception_handler(BadRequest)
     async def bad(_request, exc: BadRequest):
@@ -278,33 +316,53 @@ def completion_prompts(prompt, tokenizer) -> list[tuple[str, list[int] | None]]:
 
 
 def chat_messages(messages: list[dict]) -> list[dict]:
+    """{role, content} messages; content a string or a list of text parts, as OpenAI's clients send."""
     if not messages:
         raise BadRequest("messages is empty: give at least one {role, content} message", "messages")
+    out = []
     for m in messages:
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest("message content parts must be text ({\"type\": \"text\", \"text\": ...}); "
+                                 "this server reads text only", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise BadRequest("each message needs a string role and a string content", "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def chat_top_logprobs(body: ChatBody) -> int | None:
+    """How many alternatives each token's logprobs carry; None when the request wants no logprobs."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise BadRequest(f"top_logprobs must be between 0 and 20, got {body.top_logprobs}", "top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def prompt_text(prompt: tuple[str, list[int] | None]) -> str:
     return prompt[0]
 
 
-async def echo_logprobs(model: Served, prompts) -> list[dict]:
-    """Each prompt's own tokens with their log-probabilities under the model (the first has none)."""
+async def echo_logprobs(model: Served, prompts, alpha: float | None) -> list[dict]:
+    """Each prompt's own tokens with their log-probabilities under the model at this strength (the first
+    token has none)."""
     engine = model.batcher.engine
 
     def score():
         out = []
         for text, ids in prompts:
             ids = ids if ids is not None else engine.encode(text)
-            tokens = engine.tokenizer.convert_ids_to_tokens(list(ids))
+            tokens = [generated_text(engine.tokenizer, [i]) for i in ids]
             offsets = [len(engine.tokenizer.decode(ids[:i])) for i in range(len(ids))]
             echoed = {"tokens": tokens, "offsets": offsets, "end": len(engine.tokenizer.decode(ids)),
                       "token_logprobs": [None] * len(ids), "top": [None] * len(ids)}
             if len(ids) > 1:
-                s = engine.score_tokens([(text, ids[:1], ids[1:])])[0]
-                top = [{engine.tokenizer.convert_ids_to_tokens(i): lp} for i, lp in zip(s["top_ids"], s["top_logprobs"])]
+                s = engine.score_tokens([(text, ids[:1], ids[1:])], alpha=alpha)[0]
+                top = [{generated_text(engine.tokenizer, [i]): lp} for i, lp in zip(s["top_ids"], s["top_logprobs"])]
                 echoed.update(token_logprobs=[None] + s["token_logprobs"], top=[None] + top)
             out.append(echoed)
         return out
@@ -312,10 +370,10 @@ async def echo_logprobs(model: Served, prompts) -> list[dict]:
     return await asyncio.wrap_future(model.batcher.run(score))
 
 
-def completion_logprobs(tokens: list[dict], echoed: dict | None) -> dict:
-    """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(tokens: list[dict], echoed: dict | None, offset: int = 0) -> dict:
+    """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs, text_offset (from offset, the
+    length of the text before these tokens)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
     if echoed is not None:
         out.update(tokens=list(echoed["tokens"]), token_logprobs=list(echoed["token_logprobs"]),
                    top_logprobs=list(echoed["top"]), text_offset=list(echoed["offsets"]))
@@ -323,10 +381,28 @@ def completion_logprobs(tokens: list[dict], echoed: dict | None) -> dict:
     for t in tokens:
         out["tokens"].append(t.get("token", ""))
         out["token_logprobs"].append(t.get("logprob"))
-        out["top_logprobs"].append(t.get("top_logprobs"))
+        out["top_logprobs"].append(by_text(t["top_logprobs"]) if "top_logprobs" in t else None)
         out["text_offset"].append(offset)
         offset += len(t["text"])
     return out
+
+
+def by_text(alternatives: list[tuple[str, float]]) -> dict[str, float]:
+    """The completion form's {text: logprob}: of tokens that print alike, the likeliest (they come best first)."""
+    out: dict[str, float] = {}
+    for text, logprob in alternatives:
+        out.setdefault(text, logprob)
+    return out
+
+
+def chat_logprobs(tokens: list[dict], top: int) -> dict:
+    """OpenAI's chat logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
+
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t["token"], t["logprob"]),
+                         "top_logprobs": [entry(text, lp) for text, lp in t["top_logprobs"][:top]]} for t in tokens]}
 
 
 async def collect(events, n: int) -> tuple[list[dict], dict]:
@@ -365,9 +441,21 @@ def sse(chunks) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+def wants_usage(body) -> bool:
+    return bool((body.stream_options or {}).get("include_usage"))
+
+
+def usage_chunk(head: dict, usage: dict) -> dict:
+    """stream_options.include_usage: a last chunk with no choices and the request's usage."""
+    return {**head, "choices": [], "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+
+
 async def completion_chunks(events, head: dict, body, prompts):
+    offsets = [0] * len(prompts)  # each choice's text so far, for text_offset
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
     if body.echo:
         for i, p in enumerate(prompts):
+            offsets[i] = len(prompt_text(p))
             yield {**head, "choices": [{"index": i, "text": prompt_text(p), "logprobs": None, "finish_reason": None}]}
     async for index, event in events:
         choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
@@ -377,24 +465,35 @@ async def completion_chunks(events, head: dict, body, prompts):
         if event["type"] == "token":
             choice["text"] = event["text"]
             if body.logprobs is not None:
-                choice["logprobs"] = completion_logprobs([event], None)
+                choice["logprobs"] = completion_logprobs([event], None, offsets[index])
+            offsets[index] += len(event["text"])
             if body.diagnostics and "diagnostics" in event:
                 choice["diagnostics"] = event["diagnostics"]
         else:
             choice["finish_reason"] = FINISH[event["finish_reason"]]
+            usage["prompt_tokens"] += event["prompt_tokens"]
+            usage["completion_tokens"] += event["completion_tokens"]
         yield {**head, "choices": [choice]}
+    if wants_usage(body):
+        yield usage_chunk(head, usage)
 
 
 async def chat_chunks(events, head: dict, body):
     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
     async for index, event in events:
         if event["type"] == "error":
             yield {**head, "error": {"message": event["message"], "type": "server_error"}}
             return
         if event["type"] == "token":
-            choice = {"index": index, "delta": {"content": event["text"]}, "finish_reason": None}
+            choice = {"index": index, "delta": {"content": event["text"]}, "finish_reason": None,
+                      "logprobs": chat_logprobs([event], body.top_logprobs or 0) if body.logprobs else None}
             if body.diagnostics and "diagnostics" in event:
                 choice["diagnostics"] = event["diagnostics"]
         else:
             choice = {"index": index, "delta": {}, "finish_reason": FINISH[event["finish_reason"]]}
+            usage["prompt_tokens"] += event["prompt_tokens"]
+            usage["completion_tokens"] += event["completion_tokens"]
         yield {**head, "choices": [choice]}
+    if wants_usage(body):
+        yield usage_chunk(head, usage)

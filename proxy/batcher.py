@@ -77,13 +77,13 @@ class LiveRow:
         self.generated.append(token)
         self.reason = self.rules.finish_reason(self.generated)
         event = {"type": "token", "token_id": token, "text": self.new_text()}
-        if self.request.logprobs is not None:
-            logprobs = torch.log_softmax(processed.float(), -1)
+        if self.request.logprobs is not None:  # under the proxy distribution, before sampling's filters
+            logprobs = torch.log_softmax(proxy.float(), -1)
             top = logprobs.topk(max(1, self.request.logprobs))
-            tok = self.engine.tokenizer.convert_ids_to_tokens
             event["logprob"] = float(logprobs[token])
-            event["token"] = tok(token)
-            event["top_logprobs"] = {tok(int(i)): float(v) for v, i in zip(top.values, top.indices)}
+            event["token"] = generated_text(self.engine.tokenizer, [token])
+            event["top_logprobs"] = [(generated_text(self.engine.tokenizer, [int(i)]), float(v))
+                                     for v, i in zip(top.values, top.indices)]
         if self.request.diagnostics and base is not None:
             diag = token_diagnostics(base[None].float(), proxy[None])
             event["diagnostics"] = {"changed": bool(diag["changed"][0]), "kl": round(float(diag["kl_proxy_base"][0]), 5),
@@ -121,11 +121,18 @@ class LiveBatch:
         self.logits: dict = {}
         self.peak_rows = 0  # the most rows decoded together so far
 
-    def admit(self, requests: list[Request]) -> None:
-        """Prefill the requests together and join them below the running rows."""
+    def admit(self, requests: list[Request]) -> list[tuple[Callable, dict]]:
+        """Prefill the requests together and join them below the running rows; the error events of those
+        that could not join (each fails alone)."""
+        rows, failed = [], []
+        for request in requests:
+            try:
+                rows.append(LiveRow(request, self.engine))
+            except Exception as err:
+                failed.append((request.listener, {"type": "error", "message": describe(err)}))
+        requests = [row.request for row in rows]
         if not requests:
-            return
-        rows = [LiveRow(r, self.engine) for r in requests]
+            return failed
         for key, stream in self.engine.streams.items():
             fresh = ModelStream(stream.model)
             logits = fresh.prefill(*left_pad([r.encoded[key] for r in requests], stream.pad_id))
@@ -133,6 +140,7 @@ class LiveBatch:
             self.logits[key] = logits if key not in self.logits else torch.cat([self.logits[key], logits])
         self.rows += rows
         self.peak_rows = max(self.peak_rows, len(self.rows))
+        return failed
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Callable, dict]]:
@@ -257,7 +265,7 @@ class Batcher:
     def _loop(self) -> None:
         while (joining := self._next()) is not None:
             try:  # a failure reaches the clients it concerns, and the server keeps serving
-                self.live.admit(joining)
+                self.deliver(self.live.admit(joining))
             except Exception as err:
                 self.deliver([(request.listener, {"type": "error", "message": describe(err)}) for request in joining])
             try:

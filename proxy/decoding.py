@@ -52,6 +52,17 @@ class GenerationSettings:
     def __post_init__(self):
         # a bare string is one stop string, not one per character
         self.stop = [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or ()) if s]
+        for name, low in (("max_new_tokens", 1), ("min_new_tokens", 0), ("top_k", 0), ("seed", None), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low)):
+                raise UserError(f"generation.{name} must be a whole number" + (f" of at least {low}" if low else "")
+                                + f", got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"generation.{name} must be a number, got {value!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # transformers ignores one above 1 silently
+            raise UserError(f"generation.top_p must lie in (0, 1], got {self.top_p!r}")
 
     def overrides(self) -> dict[str, Any]:
         """The GenerationConfig fields the user set."""
@@ -99,6 +110,10 @@ class DecodeRules:
         if self.do_sample:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(int(settings.seed or 0))
+        try:  # transformers checks the values (top_p in (0, 1], ...) as it builds them: refuse them now
+            self.processors(torch.ones(1, 1, dtype=torch.long))
+        except ValueError as err:
+            raise UserError(f"bad generation setting: {str(err).strip().splitlines()[0]}") from None
 
     def processors(self, prompt_mask: torch.Tensor) -> LogitsProcessorList:
         """The processors the base's `generate` would build for these left-padded prompts (B, W)."""

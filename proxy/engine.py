@@ -371,17 +371,21 @@ class ProxyEngine:
         return whole[len(head):]
 
     @torch.inference_mode()
-    def score_tokens(self, requests: Sequence[tuple[str | None, list[int], list[int]]], batch_size: int = 8
-                     ) -> list[dict]:
+    def score_tokens(self, requests: Sequence[tuple[str | None, list[int], list[int]]], batch_size: int = 8,
+                     alpha: float | None = None) -> list[dict]:
         """Like `score`, for requests (context text or None, context ids, continuation ids) with ids in the
         base's vocabulary: every stream that reads the prompt raw takes the context ids; a stream with its
-        own rendering reads the context text through it (the ids, where there is no text)."""
+        own rendering reads the context text through it (the ids, where there is no text). `alpha`: the
+        first pair's strength for these requests (default: its own)."""
+        alphas = None
+        if alpha is not None and self.pairs:
+            alphas = [check_alpha(alpha)] + [p.alpha for p in self.pairs[1:]]
         results = []
         for i in range(0, len(requests), batch_size):
-            results += self._score_batch(requests[i : i + batch_size])
+            results += self._score_batch(requests[i : i + batch_size], alphas)
         return results
 
-    def _score_batch(self, requests) -> list[dict]:
+    def _score_batch(self, requests, alphas=None) -> list[dict]:
         conts = [list(c) for _, _, c in requests]
         if any(len(c) == 0 for c in conts):
             raise UserError("a continuation to score encodes to no tokens")
@@ -395,7 +399,7 @@ class ProxyEngine:
             ids, mask = left_pad(rows, stream.pad_id)
             # right-aligned rows: position -(n+1) predicts the continuation's first token in every stream
             logits[key] = ModelStream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
-        logprobs = torch.log_softmax(self.combine(logits), dim=-1)  # (B, span, V)
+        logprobs = torch.log_softmax(self.combine(logits, alphas), dim=-1)  # (B, span, V)
         results = []
         for row, cont in enumerate(conts):
             n = len(cont)

@@ -8,6 +8,7 @@ Writes generations.jsonl (one record per prompt) in the run folder and logs the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from core.errors import UserError, exit_on_user_error
 from core.files import read_jsonl, write_jsonl
 from core.jobs import hydra_output_dir, inputs_digest, run_job
 from core.loading import load_model, load_tokenizer, model_paths, preset, resolve_spec
+from core.registry import entries, resolve
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, check_alpha
 from proxy.prompts import CHAT, chat_expected
 from proxy.vocab import end_ids
@@ -45,15 +47,11 @@ class ResolvedPair:
 
 def resolve_pair(expert: str, anti_expert: str | None, alpha: float, expert_format: str | None) -> ResolvedPair:
     """Fill the anti-expert and the expert's prompt format from the expert's registry card."""
-    from core.registry import resolve
-
     if not expert or expert == "???":
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     path, card = resolve(expert)
     if anti_expert is None:
         if card is None and not Path(str(expert)).expanduser().is_dir() and not looks_like_hub_id(str(expert)):
-            from core.registry import entries
-
             known = ", ".join(sorted(entries())) or "none yet"
             raise UserError(
                 f"expert '{expert}' is neither a checkpoint folder nor a registered name (registered: {known}); "
@@ -89,7 +87,15 @@ def generation_settings(gen: DictConfig) -> GenerationSettings:
     if unknown:
         raise UserError(f"unknown generation option(s) {unknown}; known: {sorted(known)} "
                         "(any other transformers GenerationConfig field goes under generation.config.<name>)")
+    stop = data.get("stop")
+    data["stop"] = unescape(stop) if isinstance(stop, str) else [unescape(s) for s in stop or ()]
     return GenerationSettings(**data)
+
+
+def unescape(text: str) -> str:
+    """A stop string as typed on a command line: \\n and \\t stand for a newline and a tab (no shell or Hydra
+    override passes a real newline), \\\\ for a backslash."""
+    return re.sub(r"\\\\|\\n|\\t", lambda m: {"\\\\": "\\", "\\n": "\n", "\\t": "\t"}[m.group(0)], text)
 
 
 def expert_format(pair: ResolvedPair, expert_tok, anti_tok, expert_model, anti_model) -> str | None:
@@ -105,11 +111,30 @@ def expert_format(pair: ResolvedPair, expert_tok, anti_tok, expert_model, anti_m
     return None
 
 
+def check_shared_anti(cfg: DictConfig, pair: ResolvedPair, base: str) -> None:
+    """A shared pair's anti-expert is the adapter's own base: an anti_expert= naming another model is refused."""
+    given = cfg.get("anti_expert")
+    if given and str(Path(resolve_spec(given).path).expanduser().resolve()) != str(Path(base).expanduser().resolve()):
+        raise UserError(f"proxy.shared_pair runs the adapter's own base ({base}) as the anti-expert, but "
+                        f"anti_expert={given}; drop anti_expert= or set proxy.shared_pair=false")
+
+
+def refuse_early(cfg: DictConfig) -> None:
+    """What cannot combine, refused before any model loads."""
+    known = {"alpha", "expert_format", "extra_pairs", "diagnostics", "speculative", "shared_pair", "parallel"}
+    unknown = sorted(set(cfg.proxy) - known)
+    if unknown:
+        raise UserError(f"unknown proxy option(s) {unknown}; known: {sorted(known)}")
+    if cfg.proxy.get("diagnostics") and (cfg.proxy.get("speculative") or {}).get("k") is not None:
+        raise UserError("proxy.diagnostics is not available with speculative decoding; turn one off")
+
+
 def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tuple[ProxyEngine, list[ResolvedPair]]:
     """Load the base and every expert/anti-expert (each once, each placed by core.placement), with each
     model's own tokenizer, and build the engine: the plain one, or the speculative one with
     `proxy.speculative.k`; with `proxy.shared_pair`, an unmerged LoRA expert serves as its own anti-expert.
     `pairs`: the configured pairs, if already resolved."""
+    refuse_early(cfg)
     pairs = resolve_pairs(cfg) if pairs is None else pairs
     base_spec = resolve_spec(cfg.base, cfg.load.base)
     tokenizer = load_tokenizer(base_spec)
@@ -124,8 +149,13 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
     steering = []
     for i, p in enumerate(pairs):
         if shared and i == 0:
-            from proxy.shared_pair import adapter_tokenizer, load_shared_pair
+            from proxy.shared_pair import (
+                adapter_base,
+                adapter_tokenizer,
+                load_shared_pair,
+            )
 
+            check_shared_anti(cfg, p, adapter_base(p.expert))
             tok = adapter_tokenizer(p.expert)
             pair_model = load_shared_pair(p.expert, cfg.load.expert.get("device_map"))
             steering.append(SteeringPair(pair_model, pair_model, p.alpha, p.expert_format, p.name, shared=True,
@@ -141,7 +171,16 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
         from proxy.speculative import SpeculativeProxyEngine
 
         return SpeculativeProxyEngine(base, tokenizer, steering, k=k, parallel=parallel), pairs
-    return ProxyEngine(base, tokenizer, steering, parallel=parallel), pairs
+    return ProxyEngine(base, tokenizer, steering, parallel=parallel, base_format=alone_format(cfg.base, steering)), pairs
+
+
+def alone_format(base: str, steering: list) -> str | None:
+    """How a model decoding alone reads prompts: as it was tuned to read them (its card's or preset's
+    format: a chat expert evaluated alone reads a user turn); a steered base always reads them raw."""
+    if steering:
+        return None
+    _, card = resolve(str(base))
+    return card.prompt_format if card is not None else (preset(str(base)) or {}).get("prompt_format")
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:

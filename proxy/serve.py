@@ -13,21 +13,17 @@ import contextlib
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import hydra
 from omegaconf import DictConfig
 
 from core.errors import UserError, exit_on_user_error
+from core.registry import display_name
 from proxy.api import Served, create_app
 from proxy.batcher import Batcher
 from proxy.engine import ProxyEngine
 from proxy.run import build_engine, generation_settings
-
-
-def short(name: str) -> str:
-    return Path(str(name).rstrip("/")).name
 
 
 def served_models(cfg: DictConfig) -> list[Served]:
@@ -40,12 +36,12 @@ def served_models(cfg: DictConfig) -> list[Served]:
     engine, pairs = build_engine(cfg)
     server = cfg.server
     proxy = Batcher(engine, server.max_batch, server.max_queue)
-    name = server.get("model_name") or f"{short(cfg.base)}+{short(pairs[0].name)}"
-    models = [Served(name, "proxy", proxy), Served(short(cfg.base), "base", proxy, alpha=0.0)]
+    name = server.get("model_name") or f"{display_name(cfg.base)}+{display_name(pairs[0].name)}"
+    models = [Served(name, "proxy", proxy), Served(display_name(cfg.base), "base", proxy, alpha=0.0)]
     if server.get("serve_expert") and not engine.pairs[0].shared:
         pair = engine.pairs[0]
         alone = ProxyEngine(pair.expert, pair.tokenizer or engine.tokenizer, base_format=pair.expert_format)
-        models.append(Served(short(pairs[0].name), "expert", Batcher(alone, server.max_batch, server.max_queue)))
+        models.append(Served(display_name(pairs[0].name), "expert", Batcher(alone, server.max_batch, server.max_queue)))
     return models
 
 
@@ -77,11 +73,21 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
+    try:
+        port = int(cfg.server.port)
+    except (TypeError, ValueError):
+        raise UserError(f"server.port must be a port number, got {cfg.server.port!r}") from None
+    with socket.socket() as sock:  # before the models load: a port in use is the user's to change
+        try:
+            sock.bind((cfg.server.host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {cfg.server.host}:{port} ({err.strerror}); "
+                            "choose another server.port or server.host") from None
     models = served_models(cfg)
     app = create_app(models, generation_settings(cfg.generation))
     print(f"serving {', '.join(m.name for m in models)} at http://{cfg.server.host}:{cfg.server.port}/", flush=True)
     try:
-        uvicorn.run(app, host=cfg.server.host, port=int(cfg.server.port), log_level=cfg.server.log_level)
+        uvicorn.run(app, host=cfg.server.host, port=port, log_level=cfg.server.log_level)
     finally:
         for batcher in {id(m.batcher): m.batcher for m in models}.values():
             batcher.close()

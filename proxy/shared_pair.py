@@ -78,6 +78,11 @@ def load_shared_pair(adapter_path: str, device_map=None) -> SharedLoraPair:
     return SharedLoraPair(model)
 
 
+def adapter_base(adapter_path: str) -> str:
+    """The model the adapter was trained on: in a shared pair, the anti-expert."""
+    return json.loads((check_adapter_folder(adapter_path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def adapter_tokenizer(adapter_path: str):
     """The tokenizer saved beside the adapter, else that of the model the adapter was trained on."""
     from core.loading import load_tokenizer
@@ -85,5 +90,5 @@ def adapter_tokenizer(adapter_path: str):
     folder = check_adapter_folder(adapter_path)
     if folder.is_dir() and not any((folder / name).exists()
                                    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return load_tokenizer(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+        return load_tokenizer(adapter_base(adapter_path))
     return load_tokenizer(adapter_path)

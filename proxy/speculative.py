@@ -30,9 +30,9 @@ class DraftLength:
 
     def __init__(self, k: int | str):
         self.auto = str(k) == "auto"
-        self.k = 4 if self.auto else int(k)
-        if not 1 <= self.k <= K_MAX:
-            raise UserError(f"proxy.speculative.k must be between 1 and {K_MAX}, or auto; got {k}")
+        if not self.auto and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K_MAX):
+            raise UserError(f"proxy.speculative.k must be a whole number between 1 and {K_MAX}, or auto; got {k!r}")
+        self.k = 4 if self.auto else k
         self.accept = 0.6  # running per-draft acceptance probability
         self.draft_cost = 0.3  # running draft-forward time / time of the rest of a round
 
@@ -87,7 +87,10 @@ class SpeculativeBatch:
 
     def __init__(self, engine: SpeculativeProxyEngine, prompts, rules: DecodeRules, stats, prompt_ids=None):
         self.engine, self.prompts, self.rules, self.stats = engine, list(prompts), rules, stats
-        self.padded = engine._encode_batch(prompts, rules.max_new_tokens + K_MAX + 1, prompt_ids)
+        # a row never drafts past its budget alone; beside others it may draft up to K_MAX past it (its
+        # extra drafts are dropped), and those positions must exist too
+        margin = K_MAX if len(prompts) > 1 else 0
+        self.padded = engine._encode_batch(prompts, rules.max_new_tokens + margin, prompt_ids)
         self.draft_key = engine.pair_keys[0][0]
         self.shared = engine.pairs[0].shared
         self.runners = {key: ModelStream(s.model) for key, s in engine.streams.items()}

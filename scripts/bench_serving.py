@@ -29,7 +29,6 @@ from core import PROJECT_ROOT
 from core.errors import UserError, exit_on_user_error
 from core.files import atomic_write_json, read_jsonl
 
-
 CLIENTS = threading.local()  # one keep-alive connection per client thread
 
 

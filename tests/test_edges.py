@@ -130,6 +130,10 @@ def test_proxy_run_reruns_when_its_prompts_or_checkpoints_change(tiny_family, tm
     assert again()  # nothing changed: skipped
     write_prompts(path, [" a b c"])
     assert not again() and generations(out)[0]["prompt"] == " a b c"
+    stamp = path.stat()
+    write_prompts(path, [" c b a"])  # edited within the same second: the same mtime
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert not again() and generations(out)[0]["prompt"] == " c b a"
     shutil.copytree(tiny_family.small, expert, dirs_exist_ok=True)  # retrained at the same path
     assert not again()
     assert again()
@@ -165,18 +169,24 @@ def test_eval_and_training_rerun_when_their_data_changes(tiny_family, tmp_path, 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
 def test_files_get_the_mode_the_umask_gives(tiny_family, tmp_path, umask, mode):
-    from core.registry import Card, register, registry_path
+    """Outputs, the registry and cards, and a trained checkpoint's weights (safetensors writes them owner-only)."""
+    from core.registry import registry_path
     from proxy.run import run
+    from training import sft
 
     old = os.umask(umask)
     try:
         path = write_prompts(tmp_path / "p.jsonl", [" the quick"])
         run(proxy_cfg(tiny_family.large, tiny_family.expert, tiny_family.small, path), str(tmp_path / "out"))
-        (tmp_path / "ckpt").mkdir()
-        register(Card(name="m", path=str(tmp_path / "ckpt"), tuned_from="x", task="t", method={}))
-        for f in (tmp_path / "out" / "generations.jsonl", tmp_path / "out" / "result.json", registry_path(),
-                  tmp_path / "ckpt" / "card.json"):
-            assert stat.S_IMODE(f.stat().st_mode) == mode, f
+        cfg = make_cfg("sft", tiny_family.small, tmp_path / "outputs", "+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}",
+                       "training.save_steps=1", "training.keep_checkpoints=true", steps=1)
+        trained = Path(sft.run(cfg)["path"])
+        written = [tmp_path / "out" / "generations.jsonl", tmp_path / "out" / "result.json", registry_path(),
+                   *trained.iterdir(), *(trained.parent / "checkpoint-1").iterdir()]
+        assert any(f.name.endswith(".safetensors") for f in written)
+        for f in written:
+            if f.is_file():
+                assert stat.S_IMODE(f.stat().st_mode) == mode, f
     finally:
         os.umask(old)
 

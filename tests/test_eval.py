@@ -15,10 +15,11 @@ from eval.report import build_table, find_runs, gap_closed, write_report
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fake_run(folder: Path, role: str, model: str, score: float, **extra) -> None:
+def fake_run(folder: Path, role: str, model: str, score: float, num_examples: int = 10, **extra) -> None:
     folder.mkdir(parents=True)
-    record = {"task": "tinyworld", "metric": "exact_match", "role": role, "model": model,
-              "metrics": {"exact_match": score, "changed_share": 0.2 if role == "proxy" else None}, **extra}
+    record = {"task": "tinyworld", "split": "test", "metric": "exact_match", "role": role, "model": model,
+              "metrics": {"exact_match": score, "num_examples": num_examples,
+                          "changed_share": 0.2 if role == "proxy" else None}, **extra}
     (folder / "metrics.json").write_text(json.dumps(record))
 
 
@@ -45,6 +46,24 @@ def test_report_finds_every_role_from_the_cards(tmp_path):
     path = write_report([runs], tmp_path / "report")
     report = json.loads(path.read_text())
     assert report["best_proxy"]["alpha"] == 1.0 and Path(report["plot"]).stat().st_size > 1000
+
+
+def test_report_compares_runs_over_the_same_examples_only(tmp_path):
+    """A quick task.limit run beside the full one: the table takes the full evaluation, whole."""
+    small, large, expert = tmp_path / "small", tmp_path / "large", tmp_path / "expert"
+    for d in (small, large, expert):
+        d.mkdir()
+    register(Card(name="n-expert", path=str(expert), tuned_from=str(small), task="tinyworld", method={}))
+    runs = tmp_path / "runs"
+    for size, base_score, proxy_score in ((3, 0.9, 0.1), (40, 0.2, 0.6)):
+        fake_run(runs / f"base{size}", "model", str(large), base_score, num_examples=size)
+        fake_run(runs / f"proxy{size}", "proxy", str(large), proxy_score, num_examples=size, expert="n-expert",
+                 anti_expert=str(small), alpha=1.0)
+    rows = build_table(find_runs([runs]))
+    assert [(r["kind"], r["exact_match"]) for r in rows] == [("large base", 0.2), ("proxy", 0.6)]
+    assert all(Path(r["run_dir"]).name.endswith("40") for r in rows)
+    report = json.loads(write_report([runs], tmp_path / "report").read_text())
+    assert report["num_examples"] == 40
 
 
 def test_gap_closed_is_undefined_without_a_gap():

@@ -47,8 +47,10 @@ def proxy_cli(tmp_path, *args):
 
 # ---------------------------------------------------------------------------- bad input to proxy.run
 
-def test_mismatched_tokenizers_through_the_real_entry_point(tiny_family, proxy_args):
-    code, _, err = entry("proxy.run", *proxy_args, f"expert={tiny_family.foreign}", f"anti_expert={tiny_family.small}")
+def test_mismatched_tokenizers_through_the_real_entry_point(tiny_family, proxy_args, tmp_path):
+    """With W&B logging on (the default, offline here): the failure inside the logged job is one line too."""
+    args = [a for a in proxy_args if a != "logger=none"] + [f"hydra.run.dir={tmp_path / 'run'}"]
+    code, _, err = entry("proxy.run", *args, f"expert={tiny_family.foreign}", f"anti_expert={tiny_family.small}")
     assert_one_error_line(code, err, "tokenizer", "does not match")
 
 
@@ -77,6 +79,47 @@ def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_arg
     result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
                        "proxy.shared_pair=true")
     assert_one_error_line(*result, "holds no LoRA adapter", "training.merge=false")
+
+
+@pytest.mark.parametrize("option, fragment", [
+    ("+proxy.alphas=2", "unknown proxy option(s) ['alphas']"),
+    ("proxy.speculative.k=2 proxy.diagnostics=true", "not available with speculative decoding"),
+    ("generation.top_p=1.5", "generation.top_p must lie in (0, 1]"),
+    ("generation.max_new_tokens=abc", "generation.max_new_tokens must be a whole number"),
+])
+def test_options_that_cannot_work_are_refused_before_loading(tiny_family, proxy_args, tmp_path, option, fragment):
+    result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+                       *option.split())
+    assert_one_error_line(*result, fragment)
+
+
+def test_a_shared_pair_runs_against_the_adapter_s_own_base(tiny_family, proxy_args, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from core.loading import load_model
+
+    adapter = tmp_path / "small_lora"
+    get_peft_model(load_model(tiny_family.small), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    result = proxy_cli(tmp_path, *proxy_args, f"expert={adapter}", f"anti_expert={tiny_family.large}",
+                       "proxy.shared_pair=true")
+    assert_one_error_line(*result, "runs the adapter's own base", "drop anti_expert=")
+
+
+def test_eval_takes_a_model_alone_or_a_proxy_not_both(tiny_family, tmp_path):
+    from eval.run import evaluate
+
+    result = run_in_process("eval", evaluate, f"model={tiny_family.large}", f"expert={tiny_family.expert}",
+                            "+task=tinyworld", "logger=none", out_dir=str(tmp_path / "eval"))
+    assert_one_error_line(*result, "not both")
+
+
+def test_stop_strings_typed_on_a_command_line_read_escapes():
+    from omegaconf import OmegaConf
+
+    from proxy.run import generation_settings
+
+    gen = OmegaConf.create({"max_new_tokens": 4, "stop": ["\\n\\nQuestion:", "a\\tb", "c\\\\n"]})
+    assert generation_settings(gen).stop == ["\n\nQuestion:", "a\tb", "c\\n"]
 
 
 @pytest.mark.parametrize("alpha, fragment", [("nan", "alpha must be a finite number"),

@@ -116,7 +116,9 @@ def test_stop_seed_logprobs_and_diagnostics(service, client):
                                         logprobs=2, extra_body={"diagnostics": True})
     lp = with_lp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) > 0
-    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    # OpenAI's completion form keys the alternatives by text: two byte tokens that both print as '\ufffd' are one
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs)
+    assert all(max(t.values()) >= v for t, v in zip(lp.top_logprobs, lp.token_logprobs))
     diagnostics = with_lp.choices[0].model_extra["diagnostics"]
     assert all(d["kl"] >= 0 and isinstance(d["changed"], bool) for d in diagnostics)
 
@@ -128,15 +130,70 @@ def test_stop_seed_logprobs_and_diagnostics(service, client):
     ({"model": "tiny-proxy", "prompt": "x", "alpha": "nan"}, "alpha must be a finite number"),
     ({"model": "tiny-proxy", "prompt": " the" * 300}, "exceeds the model's context"),
     ({"model": "tiny-proxy"}, "prompt"),
+    ({"model": "tiny-proxy", "prompt": "x", "temperature": 0.7, "top_p": 1.5}, "top_p"),
+    ({"model": "tiny-proxy", "prompt": "x", "logprobs": 21}, "logprobs must be between 0 and 20"),
+    ({"model": "tiny-proxy", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "this server reads text only"),
+    ({"model": "tiny-proxy", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "top_logprobs needs logprobs: true"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_keeps_serving(service, body, fragment):
-    answer = httpx.post(f"{service['url']}/v1/completions", json=body, timeout=60)
+    route = "chat/completions" if "messages" in body else "completions"
+    answer = httpx.post(f"{service['url']}/v1/{route}", json=body, timeout=60)
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert fragment in error["message"] and error["type"] == "invalid_request_error"
     ok = httpx.post(f"{service['url']}/v1/completions", json={"model": "tiny-proxy", "prompt": "x", "max_tokens": 2},
                     timeout=60)
     assert ok.status_code == 200
+
+
+def test_wrong_routes_and_malformed_json_get_openai_s_error_form(service):
+    url = service["url"]
+    missing = httpx.get(f"{url}/v1/engines", timeout=30)
+    assert missing.status_code == 404 and "/v1/completions" in missing.json()["error"]["message"]
+    wrong = httpx.get(f"{url}/v1/completions", timeout=30)
+    assert wrong.status_code == 405 and "GET is not allowed" in wrong.json()["error"]["message"]
+    broken = httpx.post(f"{url}/v1/completions", content=b'{"model": "tiny-proxy", "prompt": ',
+                        headers={"Content-Type": "application/json"}, timeout=30)
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+def test_openai_clients_options_text_parts_usage_chat_logprobs_and_offsets(service, client):
+    plain = [{"role": "user", "content": QUESTIONS[1]}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTIONS[1][:10]},
+                                          {"type": "text", "text": QUESTIONS[1][10:]}]}]
+    replies = [client.chat.completions.create(model="tiny-proxy", messages=m, max_tokens=8, temperature=0,
+                                              logprobs=True, top_logprobs=3) for m in (plain, parts)]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    content = replies[0].choices[0].logprobs.content
+    assert "".join(t.token for t in content) == replies[0].choices[0].message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 and bytes(t.bytes).decode() == t.token for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.logprob for t in content)
+
+    chunks = list(client.chat.completions.create(model="tiny-proxy", messages=plain, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == replies[0].usage.completion_tokens
+
+    kwargs = dict(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=10, temperature=0, logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    streamed = [c for c in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})]
+    offsets = [o for c in streamed if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.text_offset and whole.text_offset[0] == 0
+    assert streamed[-1].usage.completion_tokens == len(whole.tokens)
+
+
+def test_echo_logprobs_follow_the_strength_and_unseeded_samples_differ(service, client):
+    def echoed(model, alpha=None):
+        extra = {} if alpha is None else {"alpha": alpha}
+        return client.completions.create(model=model, prompt=QUESTIONS[1], max_tokens=1, temperature=0, echo=True,
+                                         logprobs=0, extra_body=extra).choices[0].logprobs.token_logprobs
+    base = echoed(service["models"]["base"].name)
+    assert echoed("tiny-proxy", alpha=0.0) == pytest.approx(base, abs=1e-4)
+    assert echoed("tiny-proxy", alpha=1.7) != pytest.approx(base, abs=1e-4)
+    samples = {client.completions.create(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=12,
+                                         temperature=1.5).choices[0].text for _ in range(4)}
+    assert len(samples) > 1
 
 
 def test_sixteen_clients_share_batches_and_every_greedy_answer_is_the_engine_s(service, client):

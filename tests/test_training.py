@@ -183,6 +183,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, tmp_path):
     ([], "no task given: pass +task=<name>"),
     (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "+training.args.not_an_option=1"],
      "unknown training option(s) ['not_an_option']"),
+    (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "training.max_steps=abc"],
+     "training option max_steps='abc' must be int"),
+    (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "task.limit=0"], "task.limit"),
     (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "peft=lora", "peft.config.target_modules=[nope]"],
      "LoRA target module(s) ['nope'] match no module of the model; its linear layers are: down_proj"),
 ])

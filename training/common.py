@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from core import PROJECT_ROOT
 from core.errors import UserError
-from core.files import atomic_write_json
+from core.files import apply_umask, atomic_write_json
 from core.jobs import config_hash, inputs_digest, run_job
 from core.loading import ModelSpec, check_spec, load_model, load_tokenizer, resolve_spec
 from core.registry import Card, register
@@ -115,6 +115,7 @@ def trainer_config(cfg: DictConfig, algorithm: str, out_dir: Path, report_to: st
     if not torch.cuda.is_available():
         kwargs.setdefault("dataloader_pin_memory", False)  # nothing to pin to; silences a warning per run
     kwargs.update(output_dir=str(out_dir), report_to=report_to, run_name=out_dir.name)
+    _refuse_wrong_types(cls, kwargs)
     from transformers import HfArgumentParser
 
     try:  # the parser refuses the names the config does not have
@@ -129,6 +130,30 @@ def trainer_config(cfg: DictConfig, algorithm: str, out_dir: Path, report_to: st
     except TypeError as err:
         raise UserError(f"bad training option: {str(err).strip().splitlines()[0]}") from None
     return args
+
+
+def _refuse_wrong_types(cls, kwargs: dict) -> None:
+    """parse_dict passes values through unconverted, so training.max_steps=abc would fail deep in the
+    Trainer: a number or flag field given something else is refused here, by name."""
+    import dataclasses
+    import types
+
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in kwargs.items():
+        kind = fields.get(key)
+        if kind is None or value is None:
+            continue
+        allowed = set(kind.__args__) if isinstance(kind, types.UnionType) else {kind}
+        allowed.discard(type(None))
+        if not allowed <= {int, float, bool}:
+            continue  # strings, enums, lists: the config's own checks apply
+        ok = (isinstance(value, bool) if allowed == {bool}
+              else isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (float in allowed or isinstance(value, int)))
+        if not ok:
+            expected = " or ".join(sorted(t.__name__ for t in allowed))
+            raise UserError(f"training option {key}={value!r} must be {expected}; "
+                            f"set it as training.{key}=<{expected}>")
 
 
 # ---------------------------------------------------------------- names and folders
@@ -264,10 +289,19 @@ def publish(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, tokeniz
 
 
 def _make_trainer(algorithm, model, spec, args, dataset, tokenizer, lora, callbacks):
+    from transformers import TrainerCallback
     from trl import DPOTrainer, SFTTrainer
 
+    class UmaskModes(TrainerCallback):
+        """Resume checkpoints get the mode the umask gives (safetensors writes its files owner-only)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                apply_umask(folder)
+
     common = dict(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-                  callbacks=list(callbacks) or None)
+                  callbacks=[UmaskModes(), *callbacks])
     if algorithm == "sft":
         return SFTTrainer(**common)
     # the reference is the model as it was before tuning: with LoRA, the same model with its adapter
@@ -323,6 +357,9 @@ def save_checkpoint(cfg: DictConfig, trainer, tokenizer, spec: ModelSpec, out: P
             shutil.copytree(adapter_dir, model_dir, dirs_exist_ok=True)
     if main:
         tokenizer.save_pretrained(str(model_dir))
+        for folder in (model_dir, out / "adapter"):
+            if folder.is_dir():
+                apply_umask(folder)
     trainer.accelerator.wait_for_everyone()
     return model_dir
 

@@ -31,6 +31,7 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
+from core.files import apply_umask
 from training import world as world_lib
 
 END_OF_TEXT = "<|endoftext|>"
@@ -215,6 +216,7 @@ def build_family(out_dir: str | Path, seed: int = 0, scale: str = "full") -> dic
         report = _build_into(staging, settings)
         report["build_seconds"] = round(time.time() - started, 1)
         (staging / "family.json").write_text(json.dumps(report, indent=2) + "\n")
+        apply_umask(staging)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

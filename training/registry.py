@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -46,13 +47,16 @@ def main(argv: list[str] | None = None) -> None:
         if card is None:
             rows.append([name, entry.get("task", "-"), "-", entry.get("tuned_from", "-"), "-", "MISSING card"])
             continue
-        method = "/".join(str(v) for v in card.method.values())
-        scores = ", ".join(f"{t}:{k}={v:.3g}" for t, s in card.scores.items() for k, v in s.items()
-                           if isinstance(v, (int, float)))
+        method = " ".join([str(card.method.get("algorithm", "-")), str(card.method.get("adaptation", ""))]
+                          + (["merged"] if card.method.get("merged") else [])).strip()
+        scores = ", ".join(
+            f"{t} " + " ".join(f"{k}={v:.3g}" for k, v in s.items() if isinstance(v, (int, float)) and k != "num_examples")
+            + (f" (n={s['num_examples']})" if "num_examples" in s else "") for t, s in card.scores.items())
         rows.append([name, card.task, method, card.tuned_from, scores or "-", card.path])
     print(f"registry: {registry_path()}")
     print(_table(rows) if len(rows) > 1 else "(empty)")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends the listing quietly
     main(sys.argv[1:])

@@ -109,8 +109,11 @@ def load_records(task: DictConfig, method: str = "sft") -> list[dict[str, Any]]:
     else:
         hint = "task.path=<file.jsonl>" if task.get("name") == "jsonl" else "task.dataset=<hub id> or task.data_files=<file.jsonl>"
         raise UserError(f"task '{task.get('name')}' has no data: pass {hint}")
-    if task.get("limit"):
-        records = records[: int(task.limit)]
+    limit = task.get("limit")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UserError(f"task.limit must be a whole number of at least 1 (or null for every record), got {limit!r}")
+        records = records[:limit]
     if not records:
         raise UserError(f"task '{task.get('name')}': {_describe(task)} holds no records")
     return records
