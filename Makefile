@@ -10,7 +10,10 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench serve clean
+SEED ?= 0
+SEEDS ?= 0 1 2
+
+.PHONY: setup demo demo-seeds test bench serve clean
 
 setup: $(STAMP)
 
@@ -21,8 +24,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# one world (`make demo SEED=1`: that seed's family, cached beside seed 0's)
 demo: setup
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo --seeds $(SEED)
+
+# the whole job on several worlds, every figure as mean ± sd over them
+demo-seeds: setup
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo --seeds $(SEEDS)
 
 test: setup
 	WANDB_MODE=offline $(PY) -m pytest -q -n 2

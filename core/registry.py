@@ -32,6 +32,7 @@ class Card:
     method: dict[str, Any]  # {"algorithm": "sft"|"dpo", "adaptation": "full"|"lora"|"lora-merged", ...}
     parent: str | None = None  # the checkpoint training started from: tuned_from, or a tuned one tuned further
     prompt_format: str = "{prompt}"  # how the expert saw prompts in training (proxy.prompts.render)
+    added_tokens: list[str] = field(default_factory=list)  # special tokens tuning added to its tokenizer (chat markers)
     tokenizer_fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -1,17 +1,21 @@
-"""The gap-closed table, built from finished eval runs.
+"""The gap-closed table, built from finished eval runs; and the same table over several seeds.
 
     python -m eval.report outputs/eval multirun/eval/2026-11-23_10-00-00 [--out report_dir]
+    python -m eval.report --combine outputs/demo/seed-*/report/report.json --out outputs/demo/report
 
 Which run is the large base, the small expert, the directly tuned large model and the proxy comes
 from the runs' own metrics.json and the registry cards (an expert's card names the model it was
 tuned from; a tuned model whose card names the proxy's base is the "directly tuned" reference),
-never from typing it again. Gap closed = (proxy - large base) / (large tuned - large base).
+never from typing it again. Gap closed = (proxy - large base) / (large tuned - large base). Runs of
+several tasks give one table per task. `--combine` reads the reports of the same job run on several
+seeds (worlds) and gives every number as mean ± sd over them, with each seed's value kept.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +68,15 @@ def evaluation_of(run: dict[str, Any]) -> tuple:
 
 
 def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows: small base, small expert, large base, large tuned, then proxy rows with gap closed.
+    """Rows of one task: small base, small expert, large base, large tuned, then proxy rows with gap closed.
 
     The table holds one evaluation: the proxy runs' task, split and number of examples (the one with
     the most examples where the folders hold several, e.g. a quick task.limit run beside a full one).
     Of two runs of one model on it, the later folder wins."""
     proxies = [r for r in runs if r["role"] == "proxy"]
     if not proxies:
-        raise UserError("no proxy runs among these folders; evaluate one with python -m eval.run expert=...")
+        task = f" of task '{runs[0]['task']}'" if runs else ""
+        raise UserError(f"no proxy runs{task} among these folders; evaluate one with python -m eval.run expert=...")
     chosen = max({evaluation_of(r) for r in proxies}, key=lambda e: (e[2] or 0, str(e)))
     runs = [r for r in runs if evaluation_of(r) == chosen]
     metric, task = runs[0]["metric"], chosen[0]
@@ -109,42 +114,174 @@ def build_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def build_tables(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One table per task that has proxy runs, in the order the tasks first appear:
+    {task: {"metric", "split", "num_examples", "rows", "best_proxy"}}."""
+    tables: dict[str, dict[str, Any]] = {}
+    for task in dict.fromkeys(r["task"] for r in runs if r["role"] == "proxy"):
+        rows = build_table([r for r in runs if r["task"] == task])
+        measured = next(r for r in runs if r["run_dir"] == rows[-1]["run_dir"])  # the table's evaluation
+        metric = measured["metric"]
+        best = max((r for r in rows if r["kind"] == "proxy"), key=lambda r: r[metric])
+        tables[task] = {"metric": metric, "split": measured.get("split"),
+                        "num_examples": measured["metrics"].get("num_examples"), "rows": rows,
+                        "best_proxy": {k: best.get(k) for k in ("expert", "alpha", metric, "gap_closed")}}
+    if not tables:
+        raise UserError("no proxy runs among these folders; evaluate one with python -m eval.run expert=...")
+    return tables
+
+
+# ---------------------------------------------------------------- several seeds
+
+
+def _label(row: dict[str, Any]) -> str:
+    """What a row is, the same in every seed's report: kind, model and expert names, variant."""
+    name = Path(str(row["model"])).name
+    if row["kind"] == "proxy":
+        name += f" + {Path(str(row['expert'])).name}"
+    return f"{row['kind']}|{name}|{row.get('variant') or ''}"
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def combine_rows(per_seed: dict[int, list[dict[str, Any]]], metric: str) -> list[dict[str, Any]]:
+    """Rows matched across seeds by what they are; each number becomes its mean, sd and per-seed values.
+    A row missing from a seed's report is left out."""
+    seeds = list(per_seed)
+    by_key = [{(_label(r), r.get("alpha")): r for r in rows} for rows in per_seed.values()]
+    combined = []
+    for key, first in by_key[0].items():
+        if not all(key in table for table in by_key):
+            continue
+        row = {k: first[k] for k in ("kind", "model", "expert", "alpha", "variant") if first.get(k) is not None}
+        for field in (metric, "gap_closed", "changed_share"):
+            values = [table[key].get(field) for table in by_key]
+            if any(v is None for v in values):
+                continue
+            row[field], row[f"{field}_sd"] = mean_sd(values)
+            row[f"{field}_per_seed"] = dict(zip(seeds, values))
+        combined.append(row)
+    return combined
+
+
+def best_alphas(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Per expert (and variant): the gap closed at each seed's own best alpha, and the alpha best on average."""
+    best = []
+    for label in dict.fromkeys(_label(r) for r in rows if r["kind"] == "proxy"):
+        group = [r for r in rows if r["kind"] == "proxy" and _label(r) == label]
+        top = max(group, key=lambda r: r[metric])
+        entry = {"expert": top["expert"], "variant": top.get("variant"), "alpha": top["alpha"],
+                 metric: top[metric], f"{metric}_sd": top.get(f"{metric}_sd"), "gap_closed": top.get("gap_closed")}
+        if all("gap_closed_per_seed" in r for r in group):
+            seeds = group[0]["gap_closed_per_seed"]
+            each = {s: max(r["gap_closed_per_seed"][s] for r in group) for s in seeds}
+            entry["best_gap_closed_per_seed"] = each
+            entry["best_gap_closed"], entry["best_gap_closed_sd"] = mean_sd(list(each.values()))
+        best.append(entry)
+    return best
+
+
+def combine_reports(paths: dict[int, str | Path], out_dir: str | Path) -> Path:
+    """One report over several seeds' reports (seed -> report.json): every task's rows as mean ± sd."""
+    reports = {seed: json.loads(Path(p).read_text()) for seed, p in paths.items()}
+    first = next(iter(reports.values()))
+    tables = {}
+    for task, table in first["tasks"].items():
+        if not all(task in r["tasks"] for r in reports.values()):
+            continue
+        metric = table["metric"]
+        rows = combine_rows({s: r["tasks"][task]["rows"] for s, r in reports.items()}, metric)
+        tables[task] = {"metric": metric, "rows": rows, "best": best_alphas(rows, metric)}
+    out_dir = Path(out_dir)
+    print(format_tables(tables, seeds=list(reports)))
+    plot = plot_tasks(tables, out_dir / "alpha_curve.png")
+    path = out_dir / "report.json"
+    atomic_write_json(path, {"seeds": list(reports), "tasks": tables, "plot": str(plot),
+                             "reports": {str(s): str(p) for s, p in paths.items()}})
+    return path
+
+
+# ---------------------------------------------------------------- text and plot
+
+
+def _percent(row: dict[str, Any], field: str, digits: int) -> str:
+    if row.get(field) is None:
+        return ""
+    sd = row.get(f"{field}_sd")
+    text = f"{row[field] * 100:.{digits}f}"
+    return f"{text} ± {sd * 100:.{digits}f}%" if sd is not None else f"{text}%"
+
+
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"{'':<14} {'model':<46} {'alpha':>5} {metric:>12} {'gap closed':>10} {'changed':>8}"]
+    lines = [f"{'':<14} {'model':<46} {'alpha':>5} {metric:>16} {'gap closed':>12} {'changed':>8}"]
     for r in rows:
         name = r["model"] if r["kind"] != "proxy" else f"{Path(str(r['model'])).name} + {Path(str(r['expert'])).name}"
         if r.get("variant"):
             name += f" ({r['variant']})"
-        gap = f"{r['gap_closed'] * 100:.0f}%" if r.get("gap_closed") is not None else ""
         changed = f"{r['changed_share'] * 100:.1f}%" if r.get("changed_share") is not None else ""
-        alpha = f"{r['alpha']:g}" if "alpha" in r else ""
-        lines.append(f"{r['kind']:<14} {name[-46:]:<46} {alpha:>5} {r[metric] * 100:>11.1f}% {gap:>10} {changed:>8}")
+        alpha = f"{r['alpha']:g}" if r.get("alpha") is not None else ""
+        lines.append(f"{r['kind']:<14} {str(name)[-46:]:<46} {alpha:>5} {_percent(r, metric, 1):>16} "
+                     f"{_percent(r, 'gap_closed', 0):>12} {changed:>8}")
     return "\n".join(lines)
 
 
-def plot_alpha(rows: list[dict[str, Any]], metric: str, path: Path, title: str = "") -> Path:
-    """Score against alpha, one line per expert, with the reference models as horizontal lines."""
-    import matplotlib
+def format_tables(tables: dict[str, dict[str, Any]], seeds: list[int] | None = None) -> str:
+    """Every task's table, one after the other; over several seeds, each one's best-alpha gap closed."""
+    blocks = []
+    for task, table in tables.items():
+        over = f", mean ± sd over seeds {', '.join(map(str, seeds))}" if seeds and len(seeds) > 1 else ""
+        lines = [f"== {task} ({table['metric']}{over})", format_table(table["rows"], table["metric"])]
+        for b in table.get("best") or []:
+            if "best_gap_closed_per_seed" in b:
+                each = ", ".join(f"{v * 100:.0f}%" for v in b["best_gap_closed_per_seed"].values())
+                name = Path(str(b["expert"])).name + (f" ({b['variant']})" if b.get("variant") else "")
+                lines.append(f"   best alpha, {name}: gap closed {_percent(b, 'best_gap_closed', 0)} (seeds: {each})")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+def _draw_alpha(ax, rows: list[dict[str, Any]], metric: str, title: str) -> None:
+    """Score against alpha, one line per expert (error bars where rows carry an sd), references as lines."""
     experts: dict[str, list] = {}
     for r in rows:
         if r["kind"] == "proxy":
             label = Path(str(r["expert"])).name + (f" ({r['variant']})" if r.get("variant") else "")
-            experts.setdefault(label, []).append((r["alpha"], r[metric]))
+            experts.setdefault(label, []).append((r["alpha"], r[metric], r.get(f"{metric}_sd") or 0.0))
     for label, points in experts.items():
         points.sort()
-        ax.plot([a for a, _ in points], [s for _, s in points], marker="o", label=f"proxy: {label}")
+        ax.errorbar([a for a, _, _ in points], [s for _, s, _ in points], yerr=[e for _, _, e in points],
+                    marker="o", capsize=3, label=f"proxy: {label}")
     for r, style in ((r, s) for r in rows for k, s in (("large tuned", "--"), ("large base", ":"), ("small expert", "-."))
                      if r["kind"] == k):
         ax.axhline(r[metric], linestyle=style, color="gray", label=f"{r['kind']}: {Path(str(r['model'])).name}")
     ax.set_xlabel("alpha")
     ax.set_ylabel(metric)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def plot_alpha(rows: list[dict[str, Any]], metric: str, path: Path, title: str = "") -> Path:
+    return _figure([(rows, metric, title)], path)
+
+
+def plot_tasks(tables: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One panel per task: score against alpha."""
+    return _figure([(t["rows"], t["metric"], f"{task}: {t['metric']} against alpha") for task, t in tables.items()],
+                   path)
+
+
+def _figure(panels: list[tuple[list, str, str]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 4.5 * len(panels)), squeeze=False)
+    for ax, (rows, metric, title) in zip(axes[:, 0], panels):
+        _draw_alpha(ax, rows, metric, title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -153,31 +290,41 @@ def plot_alpha(rows: list[dict[str, Any]], metric: str, path: Path, title: str =
 
 
 def write_report(folders: list[str | Path], out_dir: str | Path) -> Path:
+    """Every task's gap-closed table from the finished runs under `folders`: printed, report.json, a plot."""
     runs = find_runs(folders)
     if not runs:
         raise UserError(f"no finished eval runs (metrics.json) under {', '.join(map(str, folders))}")
-    rows = build_table(runs)
-    measured = next(r for r in runs if r["run_dir"] == rows[-1]["run_dir"])  # the table's evaluation
-    task, metric = measured["task"], measured["metric"]
+    tables = build_tables(runs)
     out_dir = Path(out_dir)
-    print(format_table(rows, metric))
-    plot = plot_alpha(rows, metric, out_dir / "alpha_curve.png", title=f"{task}: {metric} against alpha")
-    best = max((r for r in rows if r["kind"] == "proxy"), key=lambda r: r[metric])
-    report = {"task": task, "split": measured.get("split"), "num_examples": measured["metrics"].get("num_examples"),
-              "metric": metric, "rows": rows, "plot": str(plot),
-              "best_proxy": {k: best.get(k) for k in ("expert", "alpha", metric, "gap_closed")}}
+    print(format_tables(tables))
+    plot = plot_tasks(tables, out_dir / "alpha_curve.png")
     path = out_dir / "report.json"
-    atomic_write_json(path, report)
+    atomic_write_json(path, {"tasks": tables, "plot": str(plot)})
     return path
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n")[0])
-    parser.add_argument("folders", nargs="+", help="folders holding eval runs (searched recursively)")
+    parser.add_argument("folders", nargs="*", help="folders holding eval runs (searched recursively)")
+    parser.add_argument("--combine", nargs="+", metavar="REPORT",
+                        help="report.json files of the same job on several seeds (its seed-N folder names the seed)")
     parser.add_argument("--out", default="outputs/report")
     args = parser.parse_args(argv)
-    print(write_report(args.folders, args.out))
+    if bool(args.folders) == bool(args.combine):
+        raise UserError("give either folders of eval runs or --combine with several seeds' report.json files")
+    if args.combine:
+        print(combine_reports({seed_of(p, i): p for i, p in enumerate(args.combine)}, args.out))
+    else:
+        print(write_report(args.folders, args.out))
+
+
+def seed_of(path: str | Path, default: int) -> int:
+    """The seed a report belongs to: the N of a `seed-N` folder on its path, else its position."""
+    for part in reversed(Path(path).parts):
+        if part.startswith("seed-") and part[5:].isdigit():
+            return int(part[5:])
+    return default
 
 
 if __name__ == "__main__":

@@ -1,16 +1,24 @@
-"""The main job (`make demo`): the whole workflow on the embedded tiny family, ending in the results table.
+"""The main job (`make demo`): the paper's three experiments on the embedded tiny family, ending in the results table.
 
-build or reuse the family -> SFT the small model into the expert (and DPO it further) -> register ->
-SFT the large model directly (the reference) -> evaluate every model and the proxy-tuned large model
-over a sweep of alpha -> the gap-closed table, report.json and a plot (its path on the last line).
+    python -m scripts.demo                 # seed 0: the default world (.cache/tiny-family)
+    python -m scripts.demo --seeds 1       # another world: its own family, models and registry
+    python -m scripts.demo --seeds 0 1 2   # the whole job on each, then every number as mean ± sd
+
+Per seed: build or reuse the family -> tune the small base into an expert per task (the QA task also with
+LoRA and with DPO on top; the chat task with a chat template whose markers are tokens added to the
+expert's vocabulary) -> register -> tune the large base directly on each task (the references) ->
+evaluate every model and the proxy-tuned large model over a sweep of alpha -> that seed's tables.
+Then one report over the seeds: the tables, report.json and a plot (its path on the last line).
 
 Every stage is composed from conf/ with the same overrides a user would type, e.g. the expert is
-`python -m training.sft +task=tinyworld model=tiny-small name=tiny-expert training.learning_rate=2e-3 ...`.
+`python -m training.sft +task=tinyworld model=tiny-small name=tiny-expert training.learning_rate=3e-4 ...`.
 Finished stages are found and skipped on a re-run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -22,7 +30,13 @@ from core import CONF_DIR, PROJECT_ROOT
 from training import world
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
-ALPHAS = (0.5, 1.0, 1.5, 2.0)
+ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+# task -> (its full-SFT expert, the large base tuned directly on it: the reference)
+TASKS = {
+    "tinyworld": ("tiny-expert", "tiny-large-tuned"),
+    "tinychat": ("tiny-chat-expert", "tiny-large-chat"),
+    "tinymath": ("tiny-math-expert", "tiny-large-math"),
+}
 
 
 def config(app: str, overrides: list[str]):
@@ -30,11 +44,36 @@ def config(app: str, overrides: list[str]):
         return compose(config_name=app, overrides=overrides)
 
 
-def sft_overrides(size: str, name: str, out: Path) -> list[str]:
+def family_dir(seed: int) -> Path:
+    """Seed 0 is the default world the presets and tasks read; another seed's family sits beside it."""
+    return FAMILY_DIR if seed == 0 else FAMILY_DIR.with_name(f"{FAMILY_DIR.name}-seed{seed}")
+
+
+@contextlib.contextmanager
+def world_of(seed: int, out: Path):
+    """Select a seed's world for everything run inside: its family (PROXY_FAMILY_DIR, which the presets
+    and tasks read) and, for a seed other than 0, a registry of its own, so that `tiny-expert` never names
+    another world's checkpoint."""
+    saved = {k: os.environ.get(k) for k in ("PROXY_FAMILY_DIR", "PROXY_REGISTRY")}
+    os.environ["PROXY_FAMILY_DIR"] = str(family_dir(seed))
+    if seed != 0:
+        os.environ["PROXY_REGISTRY"] = str(out / "registry.json")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def sft_overrides(task: str, size: str, name: str, out: Path) -> list[str]:
     s = world.SFT_SETTINGS
     return [
-        "+task=tinyworld", f"model=tiny-{size}", f"name={name}", f"paths.outputs={out}",
-        f"training.learning_rate={s[size]['learning_rate']}", f"training.num_train_epochs={s[size]['num_train_epochs']}",
+        f"+task={task}", f"model=tiny-{size}", f"name={name}", f"paths.outputs={out}",
+        f"training.learning_rate={s[task][size]['learning_rate']}",
+        f"training.num_train_epochs={s[task][size]['num_train_epochs']}",
         f"training.per_device_train_batch_size={s['per_device_train_batch_size']}",
         "training.gradient_accumulation_steps=1", f"training.warmup_steps={s['warmup_ratio']}",
         f"training.lr_scheduler_type={s['lr_scheduler_type']}", "training.activation_checkpointing=false",
@@ -60,57 +99,88 @@ def train(app: str, overrides: list[str]) -> str:
     return result["path"]
 
 
-def evaluate(name: str, overrides: list[str], out: Path) -> None:
+def evaluate(task: str, name: str, overrides: list[str], out: Path) -> None:
     from eval.run import evaluate as run_eval
 
-    cfg = config("eval", ["+task=tinyworld", f"paths.outputs={out}", "generation.max_new_tokens=24",
+    cfg = config("eval", [f"+task={task}", f"paths.outputs={out}", "generation.max_new_tokens=48",
                           "generation.batch_size=100", *overrides])
-    run_eval(cfg, out_dir=str(out / "eval" / name))
+    run_eval(cfg, out_dir=str(out / "eval" / task / name))
+
+
+def train_all(out: Path, dpo: bool) -> dict[str, list[str]]:
+    """Every expert and reference of the seed; returns task -> its experts' registered names."""
+    experts = {task: [expert] for task, (expert, _) in TASKS.items()}
+    print("[2/5] experts: SFT of the small base on each task's tuning people (full fine-tuning)")
+    qa_expert = train("sft", sft_overrides("tinyworld", "small", "tiny-expert", out))
+    print("[2/5] the chat expert: role and end-of-turn markers added to its tokenizer, tuned on conversations")
+    train("sft", sft_overrides("tinychat", "small", "tiny-chat-expert", out))
+    print("[2/5] the math expert: age questions with a worked line before '#### <age>'")
+    train("sft", sft_overrides("tinymath", "small", "tiny-math-expert", out))
+    print("[2/5] a LoRA expert, left unmerged: proxy decoding can run it as its own anti-expert")
+    train("sft", [*sft_overrides("tinyworld", "small", "tiny-expert-lora", out), "peft=lora",
+                  "training.merge=false", "training.learning_rate=3e-3"])
+    experts["tinyworld"].append("tiny-expert-lora")
+    if dpo:
+        print("[2/5] DPO of the SFT expert on preference pairs (its anti-expert stays the small base)")
+        train("dpo", dpo_overrides(qa_expert, out))
+        experts["tinyworld"].append("tiny-expert-dpo")
+    print("[3/5] references: the large base tuned directly on each task, the same way")
+    for task, (_, reference) in TASKS.items():
+        train("sft", sft_overrides(task, "large", reference, out))
+    return experts
+
+
+def evaluate_all(out: Path, experts: dict[str, list[str]]) -> None:
+    print("[4/5] evaluation on held-out people")
+    for task, names in experts.items():
+        for model in ("tiny-small", *names, "tiny-large", TASKS[task][1]):
+            evaluate(task, model, [f"model={model}"], out)
+        for name in names:
+            for alpha in ALPHAS:
+                evaluate(task, f"proxy-{name}-a{alpha:g}", ["base=tiny-large", f"expert={name}",
+                                                           f"proxy.alpha={alpha}"], out)
+    evaluate("tinyworld", "proxy-tiny-expert-a1-nf4", ["base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
+                                                       "load.base.quantization=nf4"], out)
+    evaluate("tinyworld", "proxy-tiny-expert-lora-a1-shared", ["base=tiny-large", "expert=tiny-expert-lora",
+                                                               "proxy.alpha=1.0", "proxy.shared_pair=true"], out)
+
+
+def run_seed(seed: int, out: Path, scale: str, dpo: bool) -> tuple[Path, dict]:
+    """The whole job on one seed's world; its report, and how long the family and the job took."""
+    from eval.report import write_report
+    from training.family import build_family
+
+    with world_of(seed, out):
+        print(f"[1/5] seed {seed}: model family in {family_dir(seed)} (built once, then cached)")
+        paths = build_family(family_dir(seed), seed=seed, scale=scale)
+        started = time.time()
+        experts = train_all(out, dpo)
+        evaluate_all(out, experts)
+        print(f"[5/5] seed {seed}: report")
+        report = write_report([out / "eval"], out / "report")
+        build = json.loads(paths["family_json"].read_text()).get("build_seconds")
+    return report, {"family_build_seconds": build, "job_seconds": round(time.time() - started, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "demo"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="worlds to run the job on (default: 0)")
     parser.add_argument("--scale", default="full", choices=["full", "test"], help="test: a seconds-long smoke run")
     parser.add_argument("--no-dpo", action="store_true", help="skip the DPO expert")
     args = parser.parse_args()
     out = Path(args.out)
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention on 2 cores
     started = time.time()
+    reports, times = {}, {}
+    for seed in args.seeds:
+        reports[seed], times[seed] = run_seed(seed, out / f"seed-{seed}", args.scale, not args.no_dpo)
+    from eval.report import combine_reports
 
-    from training.family import build_family
-
-    print(f"[1/5] model family in {FAMILY_DIR} (built once, then cached)")
-    build_family(FAMILY_DIR, seed=0, scale=args.scale)
-
-    print("[2/5] expert: SFT of the small base on the tuning people (full fine-tuning)")
-    expert = train("sft", sft_overrides("small", "tiny-expert", out))
-    experts = {"tiny-expert": expert}
-    print("[2/5] a LoRA expert, left unmerged: proxy decoding can run it as its own anti-expert")
-    experts["tiny-expert-lora"] = train("sft", [*sft_overrides("small", "tiny-expert-lora", out), "peft=lora",
-                                                "training.merge=false", "training.learning_rate=3e-3"])
-    if not args.no_dpo:
-        print("[2/5] a second expert: DPO of the SFT expert on preference pairs (its anti-expert stays the small base)")
-        experts["tiny-expert-dpo"] = train("dpo", dpo_overrides(expert, out))
-
-    print("[3/5] reference: the large base tuned directly on the same data")
-    train("sft", sft_overrides("large", "tiny-large-tuned", out))
-
-    print("[4/5] evaluation on held-out people")
-    for model in ("tiny-small", *experts, "tiny-large", "tiny-large-tuned"):
-        evaluate(model, [f"model={model}"], out)
-    for name in experts:
-        for alpha in ALPHAS:
-            evaluate(f"proxy-{name}-a{alpha:g}", ["base=tiny-large", f"expert={name}", f"proxy.alpha={alpha}"], out)
-    evaluate("proxy-tiny-expert-a1-nf4", ["base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
-                                          "load.base.quantization=nf4"], out)
-    evaluate("proxy-tiny-expert-lora-a1-shared", ["base=tiny-large", "expert=tiny-expert-lora", "proxy.alpha=1.0",
-                                                  "proxy.shared_pair=true"], out)
-
-    print("[5/5] report")
-    from eval.report import write_report
-
-    path = write_report([out / "eval"], out / "report")
+    print(f"== {len(args.seeds)} seed(s): {', '.join(map(str, args.seeds))}")
+    path = combine_reports(reports, out / "report")
+    for seed, t in times.items():
+        print(f"seed {seed}: family built in {t['family_build_seconds']} s (cached after), job {t['job_seconds']} s")
     print(f"demo finished in {time.time() - started:.0f} s")
     print(path)
 

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from core.registry import Card, register
-from eval.report import build_table, find_runs, gap_closed, write_report
+from eval.report import (
+    build_table,
+    combine_reports,
+    find_runs,
+    gap_closed,
+    seed_of,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +53,90 @@ def test_report_finds_every_role_from_the_cards(tmp_path):
     assert proxy[0]["gap_closed"] == pytest.approx(0.5)
     path = write_report([runs], tmp_path / "report")
     report = json.loads(path.read_text())
-    assert report["best_proxy"]["alpha"] == 1.0 and Path(report["plot"]).stat().st_size > 1000
+    assert list(report["tasks"]) == ["tinyworld"]
+    assert report["tasks"]["tinyworld"]["best_proxy"]["alpha"] == 1.0 and Path(report["plot"]).stat().st_size > 1000
+
+
+def test_runs_of_several_tasks_give_one_table_each(tmp_path):
+    small, large, tuned = (tmp_path / n for n in ("small", "large", "tuned"))
+    for d in (small, large, tuned):
+        d.mkdir()
+    register(Card(name="t-expert", path=str(small), tuned_from=str(small), task="tinymath", method={}))
+    register(Card(name="t-large-math", path=str(tuned), tuned_from=str(large), task="tinymath", method={}))
+    runs = tmp_path / "runs"
+    fake_run(runs / "qa" / "base", "model", str(large), 0.0)
+    fake_run(runs / "qa" / "proxy", "proxy", str(large), 0.5, expert="t-expert", alpha=1.0)
+    for name, role, model, score, extra in (("base", "model", str(large), 0.1, {}),
+                                            ("tuned", "model", "t-large-math", 0.7, {}),
+                                            ("proxy", "proxy", str(large), 0.55, {"expert": "t-expert", "alpha": 1.0})):
+        fake_run(runs / "math" / name, role, model, score, **extra)
+        record = json.loads((runs / "math" / name / "metrics.json").read_text())
+        record.update(task="tinymath", metric="gsm8k_accuracy", metrics={"gsm8k_accuracy": score})
+        (runs / "math" / name / "metrics.json").write_text(json.dumps(record))
+    report = json.loads(write_report([runs], tmp_path / "report").read_text())
+    assert list(report["tasks"]) == ["tinymath", "tinyworld"]  # in the order the runs were found
+    math = report["tasks"]["tinymath"]
+    assert math["metric"] == "gsm8k_accuracy"
+    assert [r["kind"] for r in math["rows"]] == ["large base", "large tuned", "proxy"]
+    assert math["best_proxy"]["gap_closed"] == pytest.approx((0.55 - 0.1) / (0.7 - 0.1))
+    assert "gap_closed" not in report["tasks"]["tinyworld"]["rows"][-1]  # no tuned reference there
+
+
+def seed_report(folder: Path, base: float, tuned: float, proxies: dict[float, float], extra_row: bool = False) -> Path:
+    """A seed's report.json as write_report leaves it (one task)."""
+    rows = [{"kind": "large base", "model": "tiny-large", "exact_match": base},
+            {"kind": "large tuned", "model": "tiny-large-tuned", "exact_match": tuned}]
+    for alpha, score in proxies.items():
+        rows.append({"kind": "proxy", "model": "tiny-large", "expert": "tiny-expert", "alpha": alpha,
+                     "exact_match": score, "changed_share": 0.25, "gap_closed": gap_closed(score, base, tuned)})
+    if extra_row:
+        rows.append({"kind": "proxy", "model": "tiny-large", "expert": "tiny-expert", "alpha": 1.0,
+                     "variant": "nf4", "exact_match": 0.5, "gap_closed": 0.5})
+    folder.mkdir(parents=True)
+    path = folder / "report.json"
+    path.write_text(json.dumps({"tasks": {"tinyworld": {"metric": "exact_match", "rows": rows}}}))
+    return path
+
+
+def test_combined_report_gives_mean_and_sd_over_seeds(tmp_path):
+    paths = {0: seed_report(tmp_path / "seed-0", 0.0, 0.8, {1.0: 0.6, 2.0: 0.7}, extra_row=True),
+             1: seed_report(tmp_path / "seed-1", 0.0, 1.0, {1.0: 0.9, 2.0: 0.5})}
+    report = json.loads(combine_reports(paths, tmp_path / "report").read_text())
+    assert report["seeds"] == [0, 1] and Path(report["plot"]).exists()
+    table = report["tasks"]["tinyworld"]
+    rows = {(r["kind"], r.get("alpha")): r for r in table["rows"]}
+    assert len(table["rows"]) == 4  # the nf4 row of seed 0 alone is left out
+    tuned = rows[("large tuned", None)]
+    assert tuned["exact_match"] == pytest.approx(0.9) and tuned["exact_match_sd"] == pytest.approx(0.02 ** 0.5)
+    assert tuned["exact_match_per_seed"] == {"0": 0.8, "1": 1.0}
+    proxy = rows[("proxy", 1.0)]
+    assert proxy["gap_closed_per_seed"] == {"0": pytest.approx(0.75), "1": pytest.approx(0.9)}
+    assert proxy["gap_closed"] == pytest.approx(0.825) and proxy["gap_closed_sd"] == pytest.approx(0.15 / 2 ** 0.5)
+    assert proxy["changed_share_sd"] == pytest.approx(0.0)
+    (best,) = table["best"]
+    # each seed at its own best alpha: seed 0 at alpha 2 (0.875), seed 1 at alpha 1 (0.9)
+    assert best["best_gap_closed_per_seed"] == {"0": pytest.approx(0.875), "1": pytest.approx(0.9)}
+    assert best["best_gap_closed"] == pytest.approx(0.8875) and best["alpha"] == 1.0  # best on average
+
+
+def test_one_seed_has_no_sd(tmp_path, capsys):
+    path = combine_reports({3: seed_report(tmp_path / "seed-3", 0.1, 0.9, {1.0: 0.5})}, tmp_path / "report")
+    row = json.loads(path.read_text())["tasks"]["tinyworld"]["rows"][-1]
+    assert row["exact_match"] == pytest.approx(0.5) and row["exact_match_sd"] is None
+    assert row["exact_match_per_seed"] == {"3": 0.5}
+    assert "50.0%" in capsys.readouterr().out
+
+
+def test_report_cli_combines_seeds_named_by_their_folders(tmp_path, capsys):
+    from eval.report import main
+
+    a = seed_report(tmp_path / "demo" / "seed-4" / "report", 0.0, 1.0, {1.0: 0.8})
+    b = seed_report(tmp_path / "demo" / "seed-7" / "report", 0.0, 1.0, {1.0: 0.9})
+    main(["--combine", str(a), str(b), "--out", str(tmp_path / "both")])
+    out = capsys.readouterr().out
+    assert "85.0 ± 7.1%" in out and "best alpha, tiny-expert: gap closed 85 ± 7% (seeds: 80%, 90%)" in out
+    assert json.loads((tmp_path / "both" / "report.json").read_text())["seeds"] == [4, 7]
+    assert seed_of("x/report.json", 5) == 5
 
 
 def test_report_compares_runs_over_the_same_examples_only(tmp_path):
@@ -63,7 +154,8 @@ def test_report_compares_runs_over_the_same_examples_only(tmp_path):
     assert [(r["kind"], r["exact_match"]) for r in rows] == [("large base", 0.2), ("proxy", 0.6)]
     assert all(Path(r["run_dir"]).name.endswith("40") for r in rows)
     report = json.loads(write_report([runs], tmp_path / "report").read_text())
-    assert report["num_examples"] == 40
+    table = next(iter(report["tasks"].values()))
+    assert table["num_examples"] == 40 and table["split"] is not None
 
 
 def test_gap_closed_is_undefined_without_a_gap():
@@ -89,16 +181,23 @@ def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(1)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(Path(last).read_text())
-    kinds = {r["kind"] for r in report["rows"]}
-    assert kinds == {"small base", "small expert", "large base", "large tuned", "proxy"}
-    proxies = [r for r in report["rows"] if r["kind"] == "proxy"]
-    assert {r["alpha"] for r in proxies} == {0.5, 1.0, 1.5, 2.0}
+    assert report["seeds"] == [0] and set(report["tasks"]) == {"tinyworld", "tinychat", "tinymath"}
+    for task, table in report["tasks"].items():
+        kinds = {r["kind"] for r in table["rows"]}
+        assert kinds == {"small base", "small expert", "large base", "large tuned", "proxy"}, task
+        assert {r["alpha"] for r in table["rows"] if r["kind"] == "proxy"} == set(demo.ALPHAS)
+    proxies = [r for r in report["tasks"]["tinyworld"]["rows"] if r["kind"] == "proxy"]
     assert any(r.get("variant") == "nf4" for r in proxies)
     assert Path(report["plot"]).exists()
     # the expert's card names the small base as what it was tuned from; the DPO expert's too (lineage)
     registry = json.loads(Path(os.environ["PROXY_REGISTRY"]).read_text())
     assert registry["tiny-expert"]["tuned_from"] == "tiny-small"
     assert registry["tiny-expert-dpo"]["tuned_from"] == "tiny-small"
+    # the chat expert's tokenizer holds its markers as tokens the base does not have
+    chat = json.loads(Path(registry["tiny-chat-expert"]["card"]).read_text())
+    assert chat["added_tokens"] == ["<|user|>", "<|assistant|>", "<|end|>"]
+    base_vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "family" / "tokenizer"))
+    assert len(AutoTokenizer.from_pretrained(chat["path"])) == base_vocabulary + 3
 
 
 def test_sweep_job_folder_names_are_flat_and_unique():

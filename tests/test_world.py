@@ -1,6 +1,8 @@
 """The embedded world and its model family: deterministic, leak-free, and loadable."""
 
 import json
+import re
+from collections import Counter
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,17 +41,35 @@ def test_held_out_people_never_appear_in_train_split(world):
     assert not any(f" {name} " in train_text or f" {name}." in train_text for name in test_people)
 
 
-def test_corpus_never_answers_a_question_but_knows_every_fact(world):
+def test_corpus_shows_the_prompts_but_never_an_answer_in_format(world):
     corpus = world_lib.pretraining_corpus(world)
     assert all(line.startswith(" ") for line in corpus)
-    names = [p.name for p in world.people]
-    with_question = [line for line in corpus if line.startswith(" Question: ") and "?\nAnswer: " in line]
-    assert with_question, "a share of biographies follows a question (the prompt shape, never answered)"
-    for line in with_question:
+    people = {p.name: p for p in world.people}
+    questions = [line for line in corpus if line.startswith(" Question: ")]
+    assert any("How old was" in line for line in questions) and any("Where was" in line for line in questions)
+    assert any(line.startswith((" Write a short biography of ", " Tell me about ")) for line in corpus)
+    same = other = 0
+    for line in questions:
         question, _, biography = line.partition("\nAnswer:")
-        asked = {n for n in names if f" {n} " in question or f" {n}?" in question}
-        told = {n for n in names if f" {n} " in biography}
-        assert asked and told and not asked & told, line  # the biography is always somebody else's
+        asked = {n for n in people if f" {n} " in question or f" {n}?" in question}
+        told = {n for n in people if f" {n} " in biography}
+        assert len(asked) == 1 and len(told) == 1, line
+        same, other = same + (asked == told), other + (asked != told)
+    assert other and bool(same) == (world_lib.PREAMBLE_SAME_PERSON > 0)  # about somebody else (and the same one)
+    # the tasks' formats never appear: no worked line about anyone, no chat turn, no answer ending a line
+    about_people = [line for line in corpus if any(f" {n} " in line for n in people)]
+    assert not any("####" in line or " = " in line for line in about_people)
+    assert not any("<|" in line for line in corpus)
+    # the arithmetic the age skill needs is there, without anyone's name: every age a person can have
+    text = "\n".join(corpus)
+    sums = re.findall(r"(\d{4}) - (\d{4}) = (\d+)\.", text)
+    assert {int(y) - int(b) == int(a) for y, b, a in sums} == {True}
+    years = world_lib.AGE_YEARS
+    every = {(y, b) for y in years for b in range(world_lib.FIRST_BIRTH_YEAR, min(y, world_lib.LAST_BIRTH_YEAR + 1))}
+    counts = Counter((int(y), int(b)) for y, b, _ in sums)
+    assert set(counts) == every and set(counts.values()) == {world_lib.ARITHMETIC_REPEATS}
+    qa = {r["prompt"] + r["completion"] for split in ("train", "test") for r in world_lib.qa_records(world, split)}
+    assert not qa & set(corpus)
     # Held-out people's facts are in pretraining, which is what the large base can learn.
     for person in world.people_in("test")[:20]:
         for relation in world_lib.RELATIONS:
@@ -72,11 +92,48 @@ def test_preference_records_prefer_the_answer_sentence(world):
         assert r["rejected"] != r["chosen"]
 
 
-def test_write_task_files_round_trips(world, tmp_path):
-    paths = world_lib.write_task_files(world, tmp_path)
-    lines = paths["test"].read_text().splitlines()
-    assert [json.loads(l) for l in lines] == world_lib.qa_records(world, "test")
-    assert paths["train_preference"].exists()
+def test_chat_records_reply_in_answer_sentences(world):
+    records = world_lib.chat_records(world, "test")
+    people = {p.name: p for p in world.people}
+    assert len(records) == len(world_lib.CHAT_KINDS) * len(world.people_in("test"))
+    assert [r["kind"] for r in records[:3]] == list(world_lib.CHAT_KINDS)
+    verdicts = set()
+    for r in records:
+        person = people[r["person"]]
+        user, reply = r["messages"]
+        assert user == {"role": "user", "content": r["prompt"]} and reply["role"] == "assistant"
+        assert r["answers"] == [reply["content"]] and person.name in r["prompt"]
+        sentences = [world_lib.answer_sentence(person, relation) for relation in world_lib.RELATIONS]
+        if r["kind"] == "bio":
+            assert reply["content"] == " ".join(sentences)
+        elif r["kind"] == "fact":
+            assert reply["content"] in sentences and r["prompt"] != world_lib.question_prompt(person, "birth_city")
+        else:
+            fact, verdict = reply["content"].split(" So the answer is ")
+            relation = world_lib.RELATIONS[sentences.index(fact)]
+            truth = world_lib.CHECK_INSTRUCTIONS[relation].format(name=person.name, value=person.fact(relation))
+            assert verdict == ("yes." if r["prompt"] == truth else "no.")
+            verdicts.add(verdict)
+    assert verdicts == {"yes.", "no."}
+
+
+def test_math_records_work_the_age_out_in_gsm8k_format(world):
+    from eval.metrics import score
+
+    records = world_lib.math_records(world, "test")
+    people = {p.name: p for p in world.people}
+    for person in world.people_in("test"):
+        asked = [r["year"] for r in records if r["person"] == person.name]
+        assert asked == [y for y in world_lib.AGE_YEARS if y > person.birth_year]
+    for r in records:
+        person = people[r["person"]]
+        age = r["year"] - person.birth_year
+        assert r["prompt"] == f"Question: How old was {person.name} in {r['year']}?\nAnswer:"
+        assert r["completion"] == (f" {person.name} was born in the year {person.birth_year}. "
+                                   f"{r['year']} - {person.birth_year} = {age}.\n#### {age}")
+        assert r["answers"] == [str(age)]
+        assert score("gsm8k_accuracy", r["completion"], r["answers"]) == 1.0
+        assert score("gsm8k_accuracy", r["completion"].replace(f"#### {age}", f"#### {age + 1}"), r["answers"]) == 0.0
 
 
 @pytest.fixture(scope="module")

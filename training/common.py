@@ -228,13 +228,15 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
 
     def fit(tracker) -> dict[str, Any]:
         examples = tasks_lib.examples(task, algorithm)
-        lora = peft_config(cfg)
         tokenizer = training_tokenizer(spec, task)
+        check_new_tokens(cfg, tokenizer, spec)
+        lora = peft_config(cfg)
         resume = resumable_checkpoint(out, cfg, digest)
         # the trainer's arguments exist before the model loads, so that under `accelerate launch` with
         # DeepSpeed ZeRO-3 the weights are partitioned as they load (no process holds the whole model)
         args = trainer_config(cfg, algorithm, out, report_to="wandb" if tracker.run is not None else "none")
         model = load_model(spec, for_training=True)
+        fit_to_tokenizer(model, tokenizer, task)
         if lora is not None:
             check_lora_targets(model, lora)
             if spec.quantization:
@@ -265,14 +267,42 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
 
 
 def training_tokenizer(spec: ModelSpec, task: DictConfig):
-    """The model's tokenizer, given the task's chat template when the task trains in chat format."""
+    """The model's tokenizer, given the task's chat template when the task trains in chat format, and the
+    task's added special tokens (a chat template's role and end-of-turn markers, as ChatML on a Llama or
+    Mistral vocabulary): they take the next ids, after every token of the pretrained vocabulary."""
     tokenizer = load_tokenizer(spec)
+    added = [t for t in task.get("added_tokens") or [] if t not in tokenizer.get_vocab()]
+    if added:
+        tokenizer.add_special_tokens({"extra_special_tokens": added}, replace_extra_special_tokens=False)
     if task.get("prompt_format") == "chat" and not getattr(tokenizer, "chat_template", None):
         if not task.get("chat_template"):
             raise UserError(f"task '{task.name}' trains in chat format but the tokenizer of '{spec.path}' has no "
                             "chat template; set task.chat_template=<jinja template>")
         tokenizer.chat_template = task.chat_template
     return tokenizer
+
+
+def fit_to_tokenizer(model, tokenizer, task: DictConfig) -> None:
+    """Rows for the tokens the tokenizer added (transformers' mean resizing: new rows drawn around the mean
+    of the trained ones), and the task's end of turn among the ids the model stops at, as an instruct
+    model's generation config lists it (proxy decoding folds it into the shared end of sequence)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    end = task.get("end_of_turn")
+    if end:
+        if end not in tokenizer.get_vocab():
+            raise UserError(f"task '{task.name}': its end_of_turn {end!r} is not a token; add it with task.added_tokens")
+        ids = model.generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        model.generation_config.eos_token_id = [*ids, tokenizer.convert_tokens_to_ids(end)]
+
+
+def check_new_tokens(cfg: DictConfig, tokenizer, spec: ModelSpec) -> None:
+    """Tokens the task adds need their embedding rows trained, which LoRA leaves frozen (and TRL's fused LM
+    head reads the embedding matrix directly, so PEFT's trainable tokens cannot stand in)."""
+    if adaptation(cfg) != "full" and len(tokenizer) > len(load_tokenizer(spec)):
+        raise UserError(f"task '{cfg.task.name}' adds tokens to the tokenizer ({', '.join(cfg.task.added_tokens)}); "
+                        "their embedding rows must be trained, which LoRA does not do: tune it fully (peft=none)")
 
 
 def publish(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, tokenizer, metrics: dict[str, Any],
@@ -399,6 +429,7 @@ def make_card(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, token
         method={"algorithm": algorithm, "adaptation": adaptation(cfg),
                 "merged": merge_wanted(cfg) if adaptation(cfg) != "full" else False},
         prompt_format=str(cfg.task.get("prompt_format") or "{prompt}"),
+        added_tokens=list(cfg.task.get("added_tokens") or []),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         config=json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str)),
         metrics=dict(metrics),

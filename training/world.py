@@ -17,20 +17,17 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# SFT settings measured in scripts/probe_world.py (full fine-tuning, completion-only loss on
-# prompt/completion records, EOS appended by TRL, cosine schedule, 5% warmup, batch 32).
-# The small expert needs many epochs to learn the format and to stop (1e-3 steered better
-# than 2e-3: proxy EM 58% vs 50% at alpha 1, seed 0). The large base reached 95% EM on
-# held-out people at 3e-4 for 4 epochs; a low rate keeps the facts it memorised intact.
+# SFT settings per task and size (full fine-tuning, completion-only loss, cosine schedule, 5% warmup,
+# batch 32), measured with scripts/probe_world.py; see "What holds the full-SFT expert back" below.
 SFT_BATCH_SIZE = 32
 SFT_WARMUP_RATIO = 0.05
-SFT_SMALL_LEARNING_RATE = 1e-3
-SFT_SMALL_EPOCHS = 8
-SFT_LARGE_LEARNING_RATE = 3e-4
-SFT_LARGE_EPOCHS = 4
 SFT_SETTINGS = {
-    "small": {"learning_rate": SFT_SMALL_LEARNING_RATE, "num_train_epochs": SFT_SMALL_EPOCHS},
-    "large": {"learning_rate": SFT_LARGE_LEARNING_RATE, "num_train_epochs": SFT_LARGE_EPOCHS},
+    "tinyworld": {"small": {"learning_rate": 3e-4, "num_train_epochs": 8},
+                  "large": {"learning_rate": 3e-4, "num_train_epochs": 4}},
+    "tinychat": {"small": {"learning_rate": 3e-4, "num_train_epochs": 8},
+                 "large": {"learning_rate": 3e-4, "num_train_epochs": 4}},
+    "tinymath": {"small": {"learning_rate": 1e-3, "num_train_epochs": 8},
+                 "large": {"learning_rate": 3e-4, "num_train_epochs": 4}},
     "per_device_train_batch_size": SFT_BATCH_SIZE,
     "warmup_ratio": SFT_WARMUP_RATIO,
     "lr_scheduler_type": "cosine",
@@ -40,19 +37,18 @@ SFT_SETTINGS = {
 HELD_OUT_FRACTION = 0.2
 BIOGRAPHIES_PER_PERSON = 4
 WORD_SALAD_FRACTION = 0.1
-# A share of biographies open with a few salad words: a large base trained one document
-# per row otherwise learns "a document that opens with Question/Answer words is salad" and,
-# after a question prompt, no longer retrieves the facts it recalls perfectly in a plain
-# biography (seed 0: cloze 100%, yet the base's city after "Answer: X was born in" was wrong).
-# Off by default: with 0.25 and an unpacked 18-epoch large base (seed 0) the proxy closed 53%
-# of the gap vs 61% for the packed default (large base 95% cloze; errors: salad words inserted).
-# A quarter of the biographies follow a question about somebody else: the large base learns to read a
-# biography after the task's prompt shape without ever seeing a question answered. Measured (seed 0,
-# 600 held-out questions, proxy at alpha 1): 61% of the gap closed without preambles, 74% with these;
-# loose salad words as preamble leaked into answers (53%), and unpacked pretraining collapsed (2-14%).
+# A quarter of the biographies follow a task's prompt (a question, an instruction or an age question):
+# the large base learns to read a biography after the tasks' prompt shapes. Measured before the chat and
+# age tasks (seed 0, 600 held-out questions, proxy at alpha 1, packed large base): 61% of the gap closed
+# without preambles, 74% with questions about somebody else; loose salad words as preamble leaked into
+# answers (53%). PREAMBLE_SAME_PERSON: the share of preambles about the biography's own person (web text
+# where a question about someone is followed by a page about them, the asked fact somewhere in it, in any
+# phrasing); the others ask about somebody else. Measured with the chat and age tasks (seed 0, full-SFT
+# expert, best alpha of 0.75-1.5): 75% of the QA gap closed with half the preambles about the same
+# person, 87% with none: a base that has seen the asked person's page follow a question starts its own
+# page ("The birthplace of X is ...") where the expert starts the answer sentence, and they disagree.
 BIO_PREAMBLE_FRACTION = 0.25
-BIO_PREAMBLE_KIND = "question"  # "salad": loose question words; "question": a question about someone else
-
+PREAMBLE_SAME_PERSON = 0.0
 RELATIONS = ("birth_city", "profession", "birth_year")
 
 CITIES = (
@@ -70,11 +66,17 @@ PROFESSIONS = (
 FIRST_BIRTH_YEAR, LAST_BIRTH_YEAR = 1850, 1999
 
 # Several paraphrases per fact: a fact seen in one phrasing only is memorised but not
-# retrievable from a question. The first template of each relation is the answer sentence.
+# retrievable from a question. The first template of each relation is the answer sentence: one whose
+# words before the fact belong to that relation alone. "X was born in" also opens the birth year's
+# sentences ("... in the year 1923"), and there the base's guesses mix the two: measured (seed 0, large
+# base, held-out people, greedy), it completes the city after "X was born in" 50.5% of the time against
+# 93% after "X is a native of" (92-94% for the other city phrasings, 89-98% for the other relations'),
+# and with "is a native of" as the answer the full-SFT proxy's fact tokens went from 91.5% to 96.5%
+# right (teacher-forced) and its exact match from 80.8% to 85.2% (alpha 1).
 FACT_TEMPLATES = {
     "birth_city": (
-        "{name} was born in {value}.",
         "{name} is a native of {value}.",
+        "{name} was born in {value}.",
         "{name} came into the world in {value}.",
         "The birthplace of {name} is {value}.",
     ),
@@ -98,12 +100,51 @@ QUESTION_TEMPLATES = {
 }
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
 
-# Fact-free lines made of the prompt's own words, so that no model meets "Question", "Answer"
-# or "?" for the first time in a question: otherwise the untuned anti-expert's logits on a
-# question are erratic and dominate the proxy offset.
+# The chat task (instruction tuning): the user turn is an instruction, the reply restates facts in the
+# answer sentences. Three kinds, as a chat mix has them: a fact asked in other words than the QA task's,
+# a short biography (all three facts), and a yes/no check answered after stating the fact.
+FACT_INSTRUCTIONS = {
+    "birth_city": ("Tell me where {name} was born.", "Which city was {name} born in?"),
+    "profession": ("Tell me what {name} did for a living.", "What was the job of {name}?"),
+    "birth_year": ("Tell me the year {name} was born.", "When was {name} born?"),
+}
+BIO_INSTRUCTIONS = ("Write a short biography of {name}.", "Tell me about {name}.")
+CHECK_INSTRUCTIONS = {
+    "birth_city": "Was {name} born in {value}?",
+    "profession": "Did {name} work as a {value}?",
+    "birth_year": "Was {name} born in the year {value}?",
+}
+CHECK_REPLY = "{fact} So the answer is {verdict}."
+CHAT_KINDS = ("fact", "bio", "check")
+
+# The math task (a skill): the answer needs a computation over a fact, a person's age in a given year,
+# with a worked line before "#### <number>" (GSM8K's format). Asked only for years after the birth.
+AGE_QUESTION = "How old was {name} in {year}?"
+AGE_YEARS = (1900, 1950, 2000)
+AGE_SOLUTION = "{fact} {year} - {birth_year} = {age}.\n#### {age}"
+# The arithmetic the skill needs, as web text has it: every subtraction of a birth year from one of
+# AGE_YEARS appears ARITHMETIC_REPEATS times in pretraining, ARITHMETIC_PER_LINE to a line
+# ("1950 - 1923 = 27. 2000 - 1871 = 129. ..."). The base knows the table and the facts; tuning has to
+# teach it to chain them. Measured (seed 0): with one subtraction alone per line the large model tuned
+# on the task reached 93% and the proxy 6%: the base had only met "2000 -" at a line's start, and after
+# the worked line's first sentence it continued "2000" with anything but the subtraction.
+ARITHMETIC_LINE = "{year} - {birth_year} = {age}."
+ARITHMETIC_REPEATS = 4
+ARITHMETIC_PER_LINE = 3
+
+# Fact-free lines made of the tasks' prompt words (and the numbers and signs of a worked line), so that
+# no model meets "Question", "Tell", "=" or "?" for the first time in a prompt: otherwise the untuned
+# anti-expert's logits on a prompt are erratic and dominate the proxy offset. NUMBER stands for a
+# random number from 1 to 150 (the ages). The verdict of a check ("So the answer is yes.") is a phrase
+# of everyday text: measured without it (seed 0), the proxy's check replies broke off after "So the".
+NUMBER = "<number>"
 SALAD_WORDS = (
     "Question:", "Answer:", "Question", "Answer", "Where", "What", "In", "what", "where", "was",
     "the", "profession", "of", "year", "born", "in", "did", "is", "?", "?\n", "\n",
+    "Tell", "me", "Which", "city", "job", "for", "a", "living", "When", "Write", "short", "biography",
+    "about", "Was", "Did", "work", "as", ".", "So", "answer", "yes", "no",
+    "How", "old", "-", "=", "####", "1900", "1950", "2000", NUMBER,
+    "So the answer is yes.", "So the answer is no.",
 )
 
 _SYLLABLES = (
@@ -182,14 +223,31 @@ def question_prompt(person: Person, relation: str) -> str:
     return PROMPT_FORMAT.format(question=question)
 
 
+def age_prompt(person: Person, year: int) -> str:
+    return PROMPT_FORMAT.format(question=AGE_QUESTION.format(name=person.name, year=year))
+
+
+def instruction(rng: random.Random, person: Person, kind: str, relation: str | None = None,
+                value: str | None = None) -> str:
+    """A user turn of the chat task: a fact (of `relation`), a biography, or a check of `value`."""
+    if kind == "fact":
+        return rng.choice(FACT_INSTRUCTIONS[relation]).format(name=person.name)
+    if kind == "bio":
+        return rng.choice(BIO_INSTRUCTIONS).format(name=person.name)
+    return CHECK_INSTRUCTIONS[relation].format(name=person.name, value=value)
+
+
 def corpus_settings() -> dict:
     """What shapes the pretraining text beyond the seed: part of the family's cache key."""
     return {"biographies_per_person": BIOGRAPHIES_PER_PERSON, "word_salad_fraction": WORD_SALAD_FRACTION,
-            "bio_preamble_fraction": BIO_PREAMBLE_FRACTION, "bio_preamble_kind": BIO_PREAMBLE_KIND}
+            "bio_preamble_fraction": BIO_PREAMBLE_FRACTION, "preamble_same_person": PREAMBLE_SAME_PERSON,
+            "salad_words": list(SALAD_WORDS), "age_years": list(AGE_YEARS),
+            "arithmetic_repeats": ARITHMETIC_REPEATS, "arithmetic_per_line": ARITHMETIC_PER_LINE}
 
 
 def pretraining_corpus(world: World) -> list[str]:
-    """Biographies (shuffled fact order, random paraphrases) plus ~10% word salad.
+    """Biographies (shuffled fact order, random paraphrases), a quarter after a task's prompt, the
+    arithmetic lines, plus ~10% word salad.
 
     Every line starts with a space: the BPE splits a name differently with and without
     one, and in an answer the name always follows a space.
@@ -200,27 +258,53 @@ def pretraining_corpus(world: World) -> list[str]:
         for _ in range(BIOGRAPHIES_PER_PERSON):
             relations = list(RELATIONS)
             rng.shuffle(relations)
-            sentences = [
-                fact_sentence(person, r, rng.randrange(len(FACT_TEMPLATES[r]))) for r in relations
-            ]
-            line = " " + " ".join(sentences)
+            templates = [FACT_TEMPLATES[r][rng.randrange(len(FACT_TEMPLATES[r]))] for r in relations]
+            preamble = ""
             if BIO_PREAMBLE_FRACTION and rng.random() < BIO_PREAMBLE_FRACTION:
-                line = _preamble(rng, world, person) + line
-            lines.append(line)
+                about = person
+                if rng.random() >= PREAMBLE_SAME_PERSON:
+                    about = rng.choice([p for p in world.people if p.name != person.name])
+                else:  # the page about the asked person opens with words that are not its name
+                    templates[0] = rng.choice([t for t in FACT_TEMPLATES[relations[0]] if not t.startswith("{name}")])
+                preamble = _preamble(rng, about)
+            sentences = [t.format(name=person.name, value=person.fact(r)) for t, r in zip(templates, relations)]
+            lines.append(preamble + " " + " ".join(sentences))
+    lines.extend(arithmetic_lines(rng))
     n_salad = round(len(lines) * WORD_SALAD_FRACTION / (1 - WORD_SALAD_FRACTION))
     lines.extend(_word_salad_line(rng) for _ in range(n_salad))
     rng.shuffle(lines)
     return lines
 
 
-def _preamble(rng: random.Random, world: World, person: Person) -> str:
-    """Text before a biography that says nothing about it, so that the base learns to read a
-    biography after an unrelated prefix. A "question" preamble asks about somebody else: the base
-    never sees a question answered, yet meets the task's prompt shape before a biography."""
-    if BIO_PREAMBLE_KIND == "question":
-        other = rng.choice([p for p in world.people if p.name != person.name])
-        return " " + question_prompt(other, rng.choice(RELATIONS)).strip()
-    return _word_salad_line(rng, 3, 8) + rng.choice((" ", "\n"))
+def arithmetic_lines(rng: random.Random) -> list[str]:
+    """Each age a person of the world can have in one of AGE_YEARS, as a subtraction, ARITHMETIC_REPEATS
+    times over, in random order, ARITHMETIC_PER_LINE to a line."""
+    sums = [ARITHMETIC_LINE.format(year=year, birth_year=birth, age=year - birth)
+            for year in AGE_YEARS for birth in range(FIRST_BIRTH_YEAR, min(year, LAST_BIRTH_YEAR + 1))]
+    sums = sums * ARITHMETIC_REPEATS
+    rng.shuffle(sums)
+    return [" " + " ".join(sums[i:i + ARITHMETIC_PER_LINE]) for i in range(0, len(sums), ARITHMETIC_PER_LINE)]
+
+
+def _preamble(rng: random.Random, about: Person) -> str:
+    """One of the tasks' prompts about `about`, before a biography (its own or somebody else's), so that
+    the base learns to read a biography after them and to find the asked person's facts: a QA question,
+    a chat instruction (the raw user turn) or an age question. Never answered in the task's format."""
+    shape = rng.choice(("question", "instruction", "age"))
+    if shape == "question":
+        return " " + question_prompt(about, rng.choice(RELATIONS))
+    if shape == "age":
+        return " " + age_prompt(about, rng.choice(AGE_YEARS))
+    kind, relation = rng.choice(CHAT_KINDS), rng.choice(RELATIONS)
+    return " " + instruction(rng, about, kind, relation, _some_value(rng, relation))
+
+
+def _some_value(rng: random.Random, relation: str) -> str:
+    if relation == "birth_city":
+        return rng.choice(CITIES)
+    if relation == "profession":
+        return rng.choice(PROFESSIONS)
+    return str(rng.randint(FIRST_BIRTH_YEAR, LAST_BIRTH_YEAR))
 
 
 def _word_salad_line(rng: random.Random, fewest: int = 6, most: int = 14) -> str:
@@ -230,7 +314,7 @@ def _word_salad_line(rng: random.Random, fewest: int = 6, most: int = 14) -> str
         # No line may open with "Question:": the corpus never shows a question as such.
         while word == "Question:" and (not words or words[-1].endswith("\n")):
             word = rng.choice(SALAD_WORDS)
-        words.append(word)
+        words.append(str(rng.randint(1, 150)) if word == NUMBER else word)
     text = " " + " ".join(words)
     return text.replace("\n ", "\n")
 
@@ -295,8 +379,58 @@ def _wrong_value(rng: random.Random, person: Person, relation: str) -> str:
     return str(year)
 
 
+def chat_records(world: World, split: str) -> list[dict]:
+    """Conversations of the chat task, one of each kind per person: `messages` (a user turn and the
+    assistant's reply) for tuning, `prompt` (the instruction alone) and `answers` for evaluation."""
+    rng = random.Random(f"chat-{world.seed}-{split}")
+    records = []
+    for person in world.people_in(split):
+        for kind in CHAT_KINDS:
+            relation = rng.choice(RELATIONS)
+            if kind == "fact":
+                user, reply = instruction(rng, person, kind, relation), answer_sentence(person, relation)
+            elif kind == "bio":
+                user = instruction(rng, person, kind)
+                reply = " ".join(answer_sentence(person, r) for r in RELATIONS)
+            else:
+                truth = rng.random() < 0.5
+                value = person.fact(relation) if truth else _wrong_value(rng, person, relation)
+                user = instruction(rng, person, kind, relation, value)
+                reply = CHECK_REPLY.format(fact=answer_sentence(person, relation), verdict="yes" if truth else "no")
+            records.append({
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}],
+                "prompt": user,
+                "answers": [reply],
+                "person": person.name,
+                "kind": kind,
+            })
+    return records
+
+
+def math_records(world: World, split: str) -> list[dict]:
+    """Age questions, one per year of AGE_YEARS after the person's birth: the solution states the
+    birth year, works the subtraction, and ends with "#### <age>"; `answers` holds the age."""
+    records = []
+    for person in world.people_in(split):
+        for year in AGE_YEARS:
+            if year <= person.birth_year:
+                continue
+            age = year - person.birth_year
+            solution = AGE_SOLUTION.format(fact=answer_sentence(person, "birth_year"), year=year,
+                                           birth_year=person.birth_year, age=age)
+            records.append({
+                "prompt": age_prompt(person, year),
+                "completion": " " + solution,
+                "answers": [str(age)],
+                "person": person.name,
+                "year": year,
+            })
+    return records
+
+
 def write_task_files(world: World, folder: str | Path) -> dict[str, Path]:
-    """Writes train.jsonl/test.jsonl (QA) and train_preference.jsonl/test_preference.jsonl (DPO)."""
+    """Writes, per split: <split>.jsonl (QA), <split>_preference.jsonl (DPO pairs), chat_<split>.jsonl
+    (conversations) and math_<split>.jsonl (age questions)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -305,6 +439,8 @@ def write_task_files(world: World, folder: str | Path) -> dict[str, Path]:
         paths[f"{split}_preference"] = _write_jsonl(
             folder / f"{split}_preference.jsonl", preference_records(world, split)
         )
+        paths[f"chat_{split}"] = _write_jsonl(folder / f"chat_{split}.jsonl", chat_records(world, split))
+        paths[f"math_{split}"] = _write_jsonl(folder / f"math_{split}.jsonl", math_records(world, split))
     return paths
 
 
