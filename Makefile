@@ -1,4 +1,5 @@
-# `make demo` runs the whole workflow on the embedded tiny family; `make test` runs the tests;
+# `make demo` runs the whole workflow on the embedded tiny family (`make demo-seeds`: on three worlds);
+# `make test` runs the tests;
 # `make bench` runs the decoding and serving benchmarks; `make serve` serves the demo's proxy-tuned model.
 # Each sets up .venv first (idempotent).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)

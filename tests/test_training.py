@@ -188,6 +188,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_family, tmp_path):
     (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "task.limit=0"], "task.limit"),
     (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "peft=lora", "peft.config.target_modules=[nope]"],
      "LoRA target module(s) ['nope'] match no module of the model; its linear layers are: down_proj"),
+    (["+task=jsonl", "task.path={fixtures}/plain.jsonl", "peft=lora", '+task.added_tokens=["<|end|>"]'],
+     "adds tokens to the tokenizer (<|end|>); their embedding rows must be trained, which LoRA does not do"),
+    (["+task=jsonl", "task.path={fixtures}/plain.jsonl", '+task.end_of_turn="<|end|>"'],
+     "its end_of_turn '<|end|>' is not a token; add it with task.added_tokens"),
 ])
 def test_bad_inputs_fail_with_one_clear_line_before_training(tiny_family, tmp_path, overrides, message):
     empty = tmp_path / "empty.jsonl"

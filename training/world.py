@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # SFT settings per task and size (full fine-tuning, completion-only loss, cosine schedule, 5% warmup,
-# batch 32), measured with scripts/probe_world.py; see "What holds the full-SFT expert back" below.
+# batch 32), measured with scripts/probe_world.py and probes like it; what was measured is in the README
+# ("The embedded default").
 SFT_BATCH_SIZE = 32
 SFT_WARMUP_RATIO = 0.05
 SFT_SETTINGS = {
@@ -126,8 +127,9 @@ AGE_SOLUTION = "{fact} {year} - {birth_year} = {age}.\n#### {age}"
 # AGE_YEARS appears ARITHMETIC_REPEATS times in pretraining, ARITHMETIC_PER_LINE to a line
 # ("1950 - 1923 = 27. 2000 - 1871 = 129. ..."). The base knows the table and the facts; tuning has to
 # teach it to chain them. Measured (seed 0): with one subtraction alone per line the large model tuned
-# on the task reached 93% and the proxy 6%: the base had only met "2000 -" at a line's start, and after
-# the worked line's first sentence it continued "2000" with anything but the subtraction.
+# on the task reached 93-98% and the proxy 4-7%, often breaking off after "2000" (the base had met
+# "2000 -" only at a line's start); three to a line, the proxy writes the subtraction but puts another
+# birth year into it (5% on seed 0, 5-15% over three seeds): see the README.
 ARITHMETIC_LINE = "{year} - {birth_year} = {age}."
 ARITHMETIC_REPEATS = 4
 ARITHMETIC_PER_LINE = 3
@@ -136,7 +138,7 @@ ARITHMETIC_PER_LINE = 3
 # no model meets "Question", "Tell", "=" or "?" for the first time in a prompt: otherwise the untuned
 # anti-expert's logits on a prompt are erratic and dominate the proxy offset. NUMBER stands for a
 # random number from 1 to 150 (the ages). The verdict of a check ("So the answer is yes.") is a phrase
-# of everyday text: measured without it (seed 0), the proxy's check replies broke off after "So the".
+# of everyday text: without it, the proxy's check replies were seen breaking off after "So the".
 NUMBER = "<number>"
 SALAD_WORDS = (
     "Question:", "Answer:", "Question", "Answer", "Where", "What", "In", "what", "where", "was",
