@@ -51,17 +51,16 @@ class Served:
     alpha: float | None = None  # fixed for this model (the base alone: 0); None: the request's or the engine's
 
 
-class CompletionBody(BaseModel):
+class RequestBody(BaseModel):
+    """What completions and chat requests share: the model, sampling, stop strings, streaming, and the
+    extensions (`alpha`, `diagnostics`). Unknown OpenAI fields are accepted and ignored."""
+
     model_config = ConfigDict(extra="allow")
     model: str
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
-    logprobs: int | None = None
-    echo: bool = False
     stream: bool = False
     stream_options: dict | None = None
     n: int = 1
@@ -69,23 +68,19 @@ class CompletionBody(BaseModel):
     diagnostics: bool = False
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class CompletionBody(RequestBody):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatBody(RequestBody):
     messages: list[dict]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = 1.0
-    top_p: float | None = None
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = 1
-    alpha: Any = None
-    diagnostics: bool = False
 
 
 class BadRequest(Exception):

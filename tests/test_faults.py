@@ -65,14 +65,19 @@ def test_unknown_registered_name(proxy_args, tmp_path):
     assert_one_error_line(code, err, "'no-such-expert'")
 
 
-def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_args, tmp_path):
-    """proxy.shared_pair: an adapter over a model with another tokenizer, and a merged (adapter-less) expert."""
+def lora_adapter(model_path, folder):
+    """An untrained rank-2 LoRA adapter over the model at `model_path`, saved in `folder`."""
     from peft import LoraConfig, get_peft_model
 
     from core.loading import load_model
 
-    adapter = tmp_path / "foreign_lora"
-    get_peft_model(load_model(tiny_family.foreign), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    get_peft_model(load_model(model_path), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    return folder
+
+
+def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_args, tmp_path):
+    """proxy.shared_pair: an adapter over a model with another tokenizer, and a merged (adapter-less) expert."""
+    adapter = lora_adapter(tiny_family.foreign, tmp_path / "foreign_lora")
     result = proxy_cli(tmp_path, *proxy_args, f"expert={adapter}", f"anti_expert={tiny_family.foreign}",
                        "proxy.shared_pair=true")
     assert_one_error_line(*result, "tokenizer", "does not match")
@@ -94,12 +99,7 @@ def test_options_that_cannot_work_are_refused_before_loading(tiny_family, proxy_
 
 
 def test_a_shared_pair_runs_against_the_adapter_s_own_base(tiny_family, proxy_args, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    from core.loading import load_model
-
-    adapter = tmp_path / "small_lora"
-    get_peft_model(load_model(tiny_family.small), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    adapter = lora_adapter(tiny_family.small, tmp_path / "small_lora")
     result = proxy_cli(tmp_path, *proxy_args, f"expert={adapter}", f"anti_expert={tiny_family.large}",
                        "proxy.shared_pair=true")
     assert_one_error_line(*result, "runs the adapter's own base", "drop anti_expert=")
