@@ -3,6 +3,7 @@
     python -m scripts.demo                 # seed 0: the default world (.cache/tiny-family)
     python -m scripts.demo --seeds 1       # another world: its own family, models and registry
     python -m scripts.demo --seeds 0 1 2   # the whole job on each, then every number as mean ± sd
+    python -m scripts.demo --alphas 1      # the proxies at alpha 1 only (default: 0.5 to 1.5)
 
 Per seed: build or reuse the family -> tune the small base into an expert per task (the QA task also with
 LoRA and with DPO on top; the chat task with a chat template whose markers are tokens added to the
@@ -30,7 +31,7 @@ from core import CONF_DIR, PROJECT_ROOT
 from training import world
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
-ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
 # task -> (its full-SFT expert, the large base tuned directly on it: the reference)
 TASKS = {
     "tinyworld": ("tiny-expert", "tiny-large-tuned"),
@@ -130,13 +131,13 @@ def train_all(out: Path, dpo: bool) -> dict[str, list[str]]:
     return experts
 
 
-def evaluate_all(out: Path, experts: dict[str, list[str]]) -> None:
+def evaluate_all(out: Path, experts: dict[str, list[str]], alphas=ALPHAS) -> None:
     print("[4/5] evaluation on held-out people")
     for task, names in experts.items():
         for model in ("tiny-small", *names, "tiny-large", TASKS[task][1]):
             evaluate(task, model, [f"model={model}"], out)
         for name in names:
-            for alpha in ALPHAS:
+            for alpha in alphas:
                 evaluate(task, f"proxy-{name}-a{alpha:g}", ["base=tiny-large", f"expert={name}",
                                                            f"proxy.alpha={alpha}"], out)
     evaluate("tinyworld", "proxy-tiny-expert-a1-nf4", ["base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
@@ -145,7 +146,7 @@ def evaluate_all(out: Path, experts: dict[str, list[str]]) -> None:
                                                                "proxy.alpha=1.0", "proxy.shared_pair=true"], out)
 
 
-def run_seed(seed: int, out: Path, scale: str, dpo: bool) -> tuple[Path, dict]:
+def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS) -> tuple[Path, dict]:
     """The whole job on one seed's world; its report, and how long the family and the job took."""
     from eval.report import write_report
     from training.family import build_family
@@ -155,7 +156,7 @@ def run_seed(seed: int, out: Path, scale: str, dpo: bool) -> tuple[Path, dict]:
         paths = build_family(family_dir(seed), seed=seed, scale=scale)
         started = time.time()
         experts = train_all(out, dpo)
-        evaluate_all(out, experts)
+        evaluate_all(out, experts, alphas)
         print(f"[5/5] seed {seed}: report")
         report = write_report([out / "eval"], out / "report")
         build = json.loads(paths["family_json"].read_text()).get("build_seconds")
@@ -168,13 +169,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="worlds to run the job on (default: 0)")
     parser.add_argument("--scale", default="full", choices=["full", "test"], help="test: a seconds-long smoke run")
     parser.add_argument("--no-dpo", action="store_true", help="skip the DPO expert")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
+                        help=f"the proxies' alphas (default: {' '.join(f'{a:g}' for a in ALPHAS)})")
     args = parser.parse_args()
     out = Path(args.out)
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention on 2 cores
     started = time.time()
     reports, times = {}, {}
     for seed in args.seeds:
-        reports[seed], times[seed] = run_seed(seed, out / f"seed-{seed}", args.scale, not args.no_dpo)
+        reports[seed], times[seed] = run_seed(seed, out / f"seed-{seed}", args.scale, not args.no_dpo, args.alphas)
     from eval.report import combine_reports
 
     print(f"== {len(args.seeds)} seed(s): {', '.join(map(str, args.seeds))}")

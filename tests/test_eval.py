@@ -174,7 +174,7 @@ def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("PROXY_FAMILY_DIR", str(tmp_path / "family"))  # the presets and the task read it
     monkeypatch.setattr(demo, "FAMILY_DIR", tmp_path / "family")
-    monkeypatch.setattr(sys, "argv", ["demo", "--scale", "test", "--out", str(tmp_path / "demo")])
+    monkeypatch.setattr(sys, "argv", ["demo", "--scale", "test", "--out", str(tmp_path / "demo"), "--alphas", "0.5", "1"])
     try:
         demo.main()
     finally:
@@ -185,7 +185,7 @@ def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
     for task, table in report["tasks"].items():
         kinds = {r["kind"] for r in table["rows"]}
         assert kinds == {"small base", "small expert", "large base", "large tuned", "proxy"}, task
-        assert {r["alpha"] for r in table["rows"] if r["kind"] == "proxy"} == set(demo.ALPHAS)
+        assert {r["alpha"] for r in table["rows"] if r["kind"] == "proxy"} == {0.5, 1.0}
     proxies = [r for r in report["tasks"]["tinyworld"]["rows"] if r["kind"] == "proxy"]
     assert any(r.get("variant") == "nf4" for r in proxies)
     assert Path(report["plot"]).exists()

@@ -47,10 +47,11 @@ def proxy_cli(tmp_path, *args):
 
 # ---------------------------------------------------------------------------- bad input to proxy.run
 
-def test_mismatched_tokenizers_through_the_real_entry_point(tiny_family, proxy_args, tmp_path):
+def test_mismatched_tokenizers_with_wandb_logging_on(tiny_family, proxy_args, tmp_path, monkeypatch):
     """With W&B logging on (the default, offline here): the failure inside the logged job is one line too."""
-    args = [a for a in proxy_args if a != "logger=none"] + [f"hydra.run.dir={tmp_path / 'run'}"]
-    code, _, err = entry("proxy.run", *args, f"expert={tiny_family.foreign}", f"anti_expert={tiny_family.small}")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = [a for a in proxy_args if a != "logger=none"]
+    code, err = proxy_cli(tmp_path, *args, f"expert={tiny_family.foreign}", f"anti_expert={tiny_family.small}")
     assert_one_error_line(code, err, "tokenizer", "does not match")
 
 
@@ -217,6 +218,7 @@ def test_training_killed_after_a_checkpoint_resumes_from_it(tiny_family, tmp_pat
 
 def test_corrupt_registry_card(tmp_path, capsys):
     from core import registry
+    from core.errors import exit_on_user_error
     from training.registry import main as registry_cli
 
     for name in ("good-expert", "bad-expert"):
@@ -226,8 +228,9 @@ def test_corrupt_registry_card(tmp_path, capsys):
     bad_card = tmp_path / "bad-expert" / registry.CARD_FILE
     bad_card.write_text('{"name": "bad-expert", "path": ')  # a write cut short
 
-    code, _, err = entry("training.registry", "show", "bad-expert")
-    assert_one_error_line(code, err, "corrupt", str(bad_card))
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(registry_cli)(["show", "bad-expert"])
+    assert_one_error_line(exit_.value.code, capsys.readouterr().err, "corrupt", str(bad_card))
 
     registry_cli(["list"])
     listing = capsys.readouterr().out

@@ -134,15 +134,32 @@ def test_the_cli_names_the_results_folder_after_the_configuration():
     assert named(["--model", "hf", "--model_args", "pretrained=x"]) == ["--model", "hf", "--model_args", "pretrained=x"]
 
 
-@pytest.mark.slow
-def test_the_cli_wrapper_knows_the_proxy_model_type(tiny_family, tmp_path):
+def test_the_cli_wrapper_knows_the_proxy_model_type(tiny_family, tmp_path, monkeypatch, capsys):
+    """lm-eval's own command line with `proxy` registered (`eval.lm_eval_cli`'s main), in this process. Only the
+    fixture's tasks are indexed: lm-eval's index of its ~12,000 built-in task files takes 20 s and is lm-eval's."""
+    from lm_eval import tasks as lm_eval_tasks
+
+    from eval import lm_eval_cli
+
+    class FixtureTasksOnly(lm_eval_tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval_tasks, "TaskManager", FixtureTasksOnly)
     args = f"base={tiny_family.large},expert={tiny_family.expert},anti_expert={tiny_family.small},alpha=0.5"
-    cmd = [sys.executable, "-m", "eval.lm_eval_cli", "--model", "proxy", "--model_args", args,
-           "--tasks", "proxy_tiny_mc", "--include_path", str(TASKS_DIR), "--limit", "2",
-           "--output_path", str(tmp_path / "out")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "proxy_tiny_mc" in proc.stdout and "acc" in proc.stdout
+    monkeypatch.setattr(sys, "argv", ["lm_eval_cli", "--model", "proxy", "--model_args", args, "--tasks",
+                                      "proxy_tiny_mc", "--include_path", str(TASKS_DIR), "--limit", "2",
+                                      "--output_path", str(tmp_path / "out")])
+    lm_eval_cli.main()
+    out = capsys.readouterr().out
+    assert "proxy_tiny_mc" in out and "acc" in out
     results = list((tmp_path / "out").rglob("results_*.json"))
     assert [p.parent.name for p in results] == ["proxy-large-expert-alpha0.5"]
+
+
+def test_the_cli_wrapper_runs_as_a_module():
+    """The entry point's process contract: `python -m eval.lm_eval_cli` starts lm-eval's command line, exit 0."""
+    proc = subprocess.run([sys.executable, "-m", "eval.lm_eval_cli", "run", "--help"], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--model" in proc.stdout and "--model_args" in proc.stdout

@@ -1,6 +1,7 @@
 """The embedded world and its model family: deterministic, leak-free, and loadable."""
 
 import json
+import math
 import re
 from collections import Counter
 
@@ -56,13 +57,24 @@ def test_corpus_shows_the_prompts_but_never_an_answer_in_format(world):
         assert len(asked) == 1 and len(told) == 1, line
         same, other = same + (asked == told), other + (asked != told)
     assert other and bool(same) == (world_lib.PREAMBLE_SAME_PERSON > 0)  # about somebody else (and the same one)
-    # the tasks' formats never appear: no worked line about anyone, no chat turn, no answer ending a line
+    # the tasks' formats never appear: no chat turn, no "####", and no one's age in a year the age task asks about
     about_people = [line for line in corpus if any(f" {n} " in line for n in people)]
-    assert not any("####" in line or " = " in line for line in about_people)
+    assert not any("####" in line for line in about_people)
     assert not any("<|" in line for line in corpus)
+    # worked ages in biographies carry the birth year just stated into a subtraction, in milestone years only
+    assert not set(world_lib.MILESTONE_YEARS) & set(world_lib.AGE_YEARS)
+    worked = [m for line in about_people for m in re.findall(r"(\d{4})\. (\d{4}) - (\d{4}) = (\d+)\.", line)]
+    assert len(worked) == sum(line.count(" = ") for line in about_people) > 0
+    for born, year, birth, age in worked:
+        assert born == birth and int(year) in world_lib.MILESTONE_YEARS and int(year) - int(birth) == int(age) > 0
     # the arithmetic the age skill needs is there, without anyone's name: every age a person can have
-    text = "\n".join(corpus)
-    sums = re.findall(r"(\d{4}) - (\d{4}) = (\d+)\.", text)
+    nameless = [line for line in corpus if not any(f" {n} " in line for n in people)]
+    sums = re.findall(r"(\d{4}) - (\d{4}) = (\d+)\.", "\n".join(nameless))
+    arithmetic = [line for line in nameless if re.match(r" \d{4} - \d{4} = ", line)]
+    for line in arithmetic:  # each ends restating its last result
+        m = re.fullmatch(r" (?:\d{4} - \d{4} = \d+\. )*\d{4} - \d{4} = (\d+)\.\n#### (\d+)", line)
+        assert m and m[1] == m[2], line
+    assert len(arithmetic) == math.ceil(len(sums) / world_lib.ARITHMETIC_PER_LINE)
     assert {int(y) - int(b) == int(a) for y, b, a in sums} == {True}
     years = world_lib.AGE_YEARS
     every = {(y, b) for y in years for b in range(world_lib.FIRST_BIRTH_YEAR, min(y, world_lib.LAST_BIRTH_YEAR + 1))}
@@ -168,6 +180,17 @@ def test_second_build_is_a_cache_hit(test_family, monkeypatch):
     again = build_family(paths["root"], seed=0, scale="test")
     assert again == paths
     assert paths["family_json"].stat().st_mtime_ns == stamp
+
+
+def test_any_change_to_the_world_s_text_changes_the_family_s_cache_key(monkeypatch):
+    """The key holds a digest of the corpus and task files, not only the settings: a template edited in
+    world.py, with no setting changed, is a cache miss."""
+    from training import family
+
+    before = family.family_settings(0, "test")
+    assert family.family_settings(0, "test") == before
+    monkeypatch.setattr(world_lib, "AGE_SOLUTION", world_lib.AGE_SOLUTION.replace(" = ", " equals "))
+    assert family.family_settings(0, "test") != before
 
 
 def test_unpacked_pretraining_rows_are_single_documents():

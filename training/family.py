@@ -179,8 +179,10 @@ def pretrain(
 
 
 def family_settings(seed: int, scale: str) -> dict:
+    """The family's cache key: its sizes and schedule, and a digest of the world's corpus and task files."""
+    world = world_lib.make_world(seed, SCALES[scale]["n_people"])
     return {"seed": seed, "scale": scale, **SCALES[scale], "max_length": MAX_LENGTH,
-            "corpus": world_lib.corpus_settings()}
+            "world_digest": world_lib.world_digest(world)}
 
 
 def family_paths(out_dir: Path) -> dict[str, Path]:

@@ -12,6 +12,7 @@ Everything here is a pure function of the seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -46,10 +47,14 @@ WORD_SALAD_FRACTION = 0.1
 # where a question about someone is followed by a page about them, the asked fact somewhere in it, in any
 # phrasing); the others ask about somebody else. Measured with the chat and age tasks (seed 0, full-SFT
 # expert, best alpha of 0.75-1.5): 75% of the QA gap closed with half the preambles about the same
-# person, 87% with none: a base that has seen the asked person's page follow a question starts its own
-# page ("The birthplace of X is ...") where the expert starts the answer sentence, and they disagree.
+# person, 87% with none, when that page had to open with words other than the name ("The birthplace of
+# X is ..."), so the base started its own page where the expert starts the answer sentence. Opening like
+# any biography (mostly with the name), half about the same person is the better world: measured with the
+# worked ages below (seed 0, probe builds, alpha 1), QA 81.7% exact match (84% of the gap; the large tuned
+# 97.7%) against 67.5% (79%; the large tuned 85.0%) with none, the answer's name copied wrong 28 times in
+# 600 against 66, and the age skill's worked line right 190 times in 407 against 97.
 BIO_PREAMBLE_FRACTION = 0.25
-PREAMBLE_SAME_PERSON = 0.0
+PREAMBLE_SAME_PERSON = 0.5
 RELATIONS = ("birth_city", "profession", "birth_year")
 
 CITIES = (
@@ -124,15 +129,26 @@ AGE_QUESTION = "How old was {name} in {year}?"
 AGE_YEARS = (1900, 1950, 2000)
 AGE_SOLUTION = "{fact} {year} - {birth_year} = {age}.\n#### {age}"
 # The arithmetic the skill needs, as web text has it: every subtraction of a birth year from one of
-# AGE_YEARS appears ARITHMETIC_REPEATS times in pretraining, ARITHMETIC_PER_LINE to a line
-# ("1950 - 1923 = 27. 2000 - 1871 = 129. ..."). The base knows the table and the facts; tuning has to
-# teach it to chain them. Measured (seed 0): with one subtraction alone per line the large model tuned
-# on the task reached 93-98% and the proxy 4-7%, often breaking off after "2000" (the base had met
-# "2000 -" only at a line's start); three to a line, the proxy writes the subtraction but puts another
-# birth year into it (5% on seed 0, 5-15% over three seeds): see the README.
+# AGE_YEARS appears ARITHMETIC_REPEATS times in pretraining, ARITHMETIC_PER_LINE to a line, the last
+# result restated after "####" ("1950 - 1923 = 27. 2000 - 1871 = 129. 1900 - 1850 = 50.\n#### 50"). The
+# base knows the table and the facts; tuning has to teach it to chain them. Measured (seed 0, alpha 1):
+# with one subtraction alone per line the large model tuned on the task reached 93-98% and the proxy
+# 4-7%, often breaking off after "2000" (the base had met "2000 -" only at a line's start); three to a
+# line, the proxy wrote the subtraction but put another birth year into it (5%; 5-15% over three seeds),
+# which the worked ages below fixed (16%; 17% with the same-person preambles above, its worked line now
+# right 47% of the time but rarely followed by "####", which the base had met only in word salad);
+# with "####" after each line here, 27% (the large tuned 100%).
 ARITHMETIC_LINE = "{year} - {birth_year} = {age}."
 ARITHMETIC_REPEATS = 4
 ARITHMETIC_PER_LINE = 3
+# Worked ages in biographies: after a birth-year sentence, AGE_LINE_FRACTION of the time, the person's age
+# in one of MILESTONE_YEARS worked as a subtraction (" 1925 - 1875 = 50."), so that the base learns to
+# carry a year just stated into a subtraction. Never in AGE_YEARS: the task's ages are not in pretraining.
+# Measured (seed 0, alpha 1): the subtraction then takes the year just stated in all but 1 of 407 answers
+# (it mostly took another year before). A quarter of the biographies instead of half (with the same-person
+# preambles above): 9%, its worked line right 91 times against 190.
+MILESTONE_YEARS = (1875, 1925, 1975, 2025)
+AGE_LINE_FRACTION = 0.5
 
 # Fact-free lines made of the tasks' prompt words (and the numbers and signs of a worked line), so that
 # no model meets "Question", "Tell", "=" or "?" for the first time in a prompt: otherwise the untuned
@@ -239,12 +255,11 @@ def instruction(rng: random.Random, person: Person, kind: str, relation: str | N
     return CHECK_INSTRUCTIONS[relation].format(name=person.name, value=value)
 
 
-def corpus_settings() -> dict:
-    """What shapes the pretraining text beyond the seed: part of the family's cache key."""
-    return {"biographies_per_person": BIOGRAPHIES_PER_PERSON, "word_salad_fraction": WORD_SALAD_FRACTION,
-            "bio_preamble_fraction": BIO_PREAMBLE_FRACTION, "preamble_same_person": PREAMBLE_SAME_PERSON,
-            "salad_words": list(SALAD_WORDS), "age_years": list(AGE_YEARS),
-            "arithmetic_repeats": ARITHMETIC_REPEATS, "arithmetic_per_line": ARITHMETIC_PER_LINE}
+def world_digest(world: World) -> str:
+    """A digest of everything a family is built from, its pretraining corpus and its task files: the family's
+    cache key holds it, so any change to the world's text rebuilds the family, whether a setting changed or not."""
+    content = json.dumps([pretraining_corpus(world), task_records(world)], sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 def pretraining_corpus(world: World) -> list[str]:
@@ -266,10 +281,11 @@ def pretraining_corpus(world: World) -> list[str]:
                 about = person
                 if rng.random() >= PREAMBLE_SAME_PERSON:
                     about = rng.choice([p for p in world.people if p.name != person.name])
-                else:  # the page about the asked person opens with words that are not its name
-                    templates[0] = rng.choice([t for t in FACT_TEMPLATES[relations[0]] if not t.startswith("{name}")])
                 preamble = _preamble(rng, about)
             sentences = [t.format(name=person.name, value=person.fact(r)) for t, r in zip(templates, relations)]
+            if AGE_LINE_FRACTION and rng.random() < AGE_LINE_FRACTION:
+                at = relations.index("birth_year")
+                sentences[at] += " " + _worked_age(rng, person)
             lines.append(preamble + " " + " ".join(sentences))
     lines.extend(arithmetic_lines(rng))
     n_salad = round(len(lines) * WORD_SALAD_FRACTION / (1 - WORD_SALAD_FRACTION))
@@ -280,12 +296,22 @@ def pretraining_corpus(world: World) -> list[str]:
 
 def arithmetic_lines(rng: random.Random) -> list[str]:
     """Each age a person of the world can have in one of AGE_YEARS, as a subtraction, ARITHMETIC_REPEATS
-    times over, in random order, ARITHMETIC_PER_LINE to a line."""
+    times over, in random order, ARITHMETIC_PER_LINE to a line, the line's last result restated after
+    "\n#### " (as worked answers on the web end)."""
     sums = [ARITHMETIC_LINE.format(year=year, birth_year=birth, age=year - birth)
             for year in AGE_YEARS for birth in range(FIRST_BIRTH_YEAR, min(year, LAST_BIRTH_YEAR + 1))]
     sums = sums * ARITHMETIC_REPEATS
     rng.shuffle(sums)
-    return [" " + " ".join(sums[i:i + ARITHMETIC_PER_LINE]) for i in range(0, len(sums), ARITHMETIC_PER_LINE)]
+    lines = []
+    for i in range(0, len(sums), ARITHMETIC_PER_LINE):
+        line = sums[i:i + ARITHMETIC_PER_LINE]
+        lines.append(" " + " ".join(line) + "\n#### " + line[-1].rsplit(" ", 1)[1].rstrip("."))
+    return lines
+
+
+def _worked_age(rng: random.Random, person: Person) -> str:
+    year = rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year])
+    return ARITHMETIC_LINE.format(year=year, birth_year=person.birth_year, age=year - person.birth_year)
 
 
 def _preamble(rng: random.Random, about: Person) -> str:
@@ -430,20 +456,23 @@ def math_records(world: World, split: str) -> list[dict]:
     return records
 
 
+def task_records(world: World) -> dict[str, list[dict]]:
+    """Every task file's records by file stem, per split: <split> (QA), <split>_preference (DPO pairs),
+    chat_<split> (conversations) and math_<split> (age questions)."""
+    records = {}
+    for split in ("train", "test"):
+        records[split] = qa_records(world, split)
+        records[f"{split}_preference"] = preference_records(world, split)
+        records[f"chat_{split}"] = chat_records(world, split)
+        records[f"math_{split}"] = math_records(world, split)
+    return records
+
+
 def write_task_files(world: World, folder: str | Path) -> dict[str, Path]:
-    """Writes, per split: <split>.jsonl (QA), <split>_preference.jsonl (DPO pairs), chat_<split>.jsonl
-    (conversations) and math_<split>.jsonl (age questions)."""
+    """Writes task_records(world), one <stem>.jsonl each; returns stem -> path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split in ("train", "test"):
-        paths[split] = _write_jsonl(folder / f"{split}.jsonl", qa_records(world, split))
-        paths[f"{split}_preference"] = _write_jsonl(
-            folder / f"{split}_preference.jsonl", preference_records(world, split)
-        )
-        paths[f"chat_{split}"] = _write_jsonl(folder / f"chat_{split}.jsonl", chat_records(world, split))
-        paths[f"math_{split}"] = _write_jsonl(folder / f"math_{split}.jsonl", math_records(world, split))
-    return paths
+    return {stem: _write_jsonl(folder / f"{stem}.jsonl", records) for stem, records in task_records(world).items()}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
