@@ -144,7 +144,7 @@ ARITHMETIC_PER_LINE = 3
 # Worked ages in biographies: after a birth-year sentence, AGE_LINE_FRACTION of the time, the person's age
 # in one of MILESTONE_YEARS worked as a subtraction (" 1925 - 1875 = 50."), so that the base learns to
 # carry a year just stated into a subtraction. Never in AGE_YEARS: the task's ages are not in pretraining.
-# Measured (seed 0, alpha 1): the subtraction then takes the year just stated in all but 1 of 407 answers
+# Measured (seed 0, alpha 1): of the 407 answers, 1 that got as far as the subtraction put another year in
 # (it mostly took another year before). A quarter of the biographies instead of half (with the same-person
 # preambles above): 9%, its worked line right 91 times against 190.
 MILESTONE_YEARS = (1875, 1925, 1975, 2025)
