@@ -298,20 +298,23 @@ def arithmetic_lines(rng: random.Random) -> list[str]:
     """Each age a person of the world can have in one of AGE_YEARS, as a subtraction, ARITHMETIC_REPEATS
     times over, in random order, ARITHMETIC_PER_LINE to a line, the line's last result restated after
     "\n#### " (as worked answers on the web end)."""
-    sums = [ARITHMETIC_LINE.format(year=year, birth_year=birth, age=year - birth)
-            for year in AGE_YEARS for birth in range(FIRST_BIRTH_YEAR, min(year, LAST_BIRTH_YEAR + 1))]
-    sums = sums * ARITHMETIC_REPEATS
-    rng.shuffle(sums)
+    pairs = [(year, birth) for year in AGE_YEARS for birth in range(FIRST_BIRTH_YEAR, min(year, LAST_BIRTH_YEAR + 1))]
+    pairs = pairs * ARITHMETIC_REPEATS
+    rng.shuffle(pairs)
     lines = []
-    for i in range(0, len(sums), ARITHMETIC_PER_LINE):
-        line = sums[i:i + ARITHMETIC_PER_LINE]
-        lines.append(" " + " ".join(line) + "\n#### " + line[-1].rsplit(" ", 1)[1].rstrip("."))
+    for i in range(0, len(pairs), ARITHMETIC_PER_LINE):
+        line = pairs[i:i + ARITHMETIC_PER_LINE]
+        last_year, last_birth = line[-1]
+        lines.append(" " + " ".join(_subtraction(y, b) for y, b in line) + f"\n#### {last_year - last_birth}")
     return lines
 
 
 def _worked_age(rng: random.Random, person: Person) -> str:
-    year = rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year])
-    return ARITHMETIC_LINE.format(year=year, birth_year=person.birth_year, age=year - person.birth_year)
+    return _subtraction(rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year]), person.birth_year)
+
+
+def _subtraction(year: int, birth_year: int) -> str:
+    return ARITHMETIC_LINE.format(year=year, birth_year=birth_year, age=year - birth_year)
 
 
 def _preamble(rng: random.Random, about: Person) -> str:
