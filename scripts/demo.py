@@ -32,6 +32,9 @@ from training import world
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
 ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5)
+# --scale test, a seconds-long smoke run of the same job: a few steps per tuning, short answers
+SCALES = {"full": {"training": [], "max_new_tokens": 48},
+          "test": {"training": ["training.max_steps=4"], "max_new_tokens": 16}}
 # task -> (its full-SFT expert, the large base tuned directly on it: the reference)
 TASKS = {
     "tinyworld": ("tiny-expert", "tiny-large-tuned"),
@@ -100,50 +103,54 @@ def train(app: str, overrides: list[str]) -> str:
     return result["path"]
 
 
-def evaluate(task: str, name: str, overrides: list[str], out: Path) -> None:
+def evaluate(task: str, name: str, overrides: list[str], out: Path, max_new_tokens: int = 48) -> None:
     from eval.run import evaluate as run_eval
 
-    cfg = config("eval", [f"+task={task}", f"paths.outputs={out}", "generation.max_new_tokens=48",
+    cfg = config("eval", [f"+task={task}", f"paths.outputs={out}", f"generation.max_new_tokens={max_new_tokens}",
                           "generation.batch_size=100", *overrides])
     run_eval(cfg, out_dir=str(out / "eval" / task / name))
 
 
-def train_all(out: Path, dpo: bool) -> dict[str, list[str]]:
+def train_all(out: Path, dpo: bool, scale: str = "full") -> dict[str, list[str]]:
     """Every expert and reference of the seed; returns task -> its experts' registered names."""
+    def sft(task: str, size: str, name: str, *more: str) -> str:
+        return train("sft", [*sft_overrides(task, size, name, out), *more, *SCALES[scale]["training"]])
+
     experts = {task: [expert] for task, (expert, _) in TASKS.items()}
     print("[2/5] experts: SFT of the small base on each task's tuning people (full fine-tuning)")
-    qa_expert = train("sft", sft_overrides("tinyworld", "small", "tiny-expert", out))
+    qa_expert = sft("tinyworld", "small", "tiny-expert")
     print("[2/5] the chat expert: role and end-of-turn markers added to its tokenizer, tuned on conversations")
-    train("sft", sft_overrides("tinychat", "small", "tiny-chat-expert", out))
+    sft("tinychat", "small", "tiny-chat-expert")
     print("[2/5] the math expert: age questions with a worked line before '#### <age>'")
-    train("sft", sft_overrides("tinymath", "small", "tiny-math-expert", out))
+    sft("tinymath", "small", "tiny-math-expert")
     print("[2/5] a LoRA expert, left unmerged: proxy decoding can run it as its own anti-expert")
-    train("sft", [*sft_overrides("tinyworld", "small", "tiny-expert-lora", out), "peft=lora",
-                  "training.merge=false", "training.learning_rate=3e-3"])
+    sft("tinyworld", "small", "tiny-expert-lora", "peft=lora", "training.merge=false", "training.learning_rate=3e-3")
     experts["tinyworld"].append("tiny-expert-lora")
     if dpo:
         print("[2/5] DPO of the SFT expert on preference pairs (its anti-expert stays the small base)")
-        train("dpo", dpo_overrides(qa_expert, out))
+        train("dpo", [*dpo_overrides(qa_expert, out), *SCALES[scale]["training"]])
         experts["tinyworld"].append("tiny-expert-dpo")
     print("[3/5] references: the large base tuned directly on each task, the same way")
     for task, (_, reference) in TASKS.items():
-        train("sft", sft_overrides(task, "large", reference, out))
+        sft(task, "large", reference)
     return experts
 
 
-def evaluate_all(out: Path, experts: dict[str, list[str]], alphas=ALPHAS) -> None:
+def evaluate_all(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, scale: str = "full") -> None:
+    def run(task: str, name: str, *overrides: str) -> None:
+        evaluate(task, name, list(overrides), out, SCALES[scale]["max_new_tokens"])
+
     print("[4/5] evaluation on held-out people")
     for task, names in experts.items():
         for model in ("tiny-small", *names, "tiny-large", TASKS[task][1]):
-            evaluate(task, model, [f"model={model}"], out)
+            run(task, model, f"model={model}")
         for name in names:
             for alpha in alphas:
-                evaluate(task, f"proxy-{name}-a{alpha:g}", ["base=tiny-large", f"expert={name}",
-                                                           f"proxy.alpha={alpha}"], out)
-    evaluate("tinyworld", "proxy-tiny-expert-a1-nf4", ["base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
-                                                       "load.base.quantization=nf4"], out)
-    evaluate("tinyworld", "proxy-tiny-expert-lora-a1-shared", ["base=tiny-large", "expert=tiny-expert-lora",
-                                                               "proxy.alpha=1.0", "proxy.shared_pair=true"], out)
+                run(task, f"proxy-{name}-a{alpha:g}", "base=tiny-large", f"expert={name}", f"proxy.alpha={alpha}")
+    run("tinyworld", "proxy-tiny-expert-a1-nf4", "base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
+        "load.base.quantization=nf4")
+    run("tinyworld", "proxy-tiny-expert-lora-a1-shared", "base=tiny-large", "expert=tiny-expert-lora",
+        "proxy.alpha=1.0", "proxy.shared_pair=true")
 
 
 def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS) -> tuple[Path, dict]:
@@ -155,8 +162,8 @@ def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS) -> tupl
         print(f"[1/5] seed {seed}: model family in {family_dir(seed)} (built once, then cached)")
         paths = build_family(family_dir(seed), seed=seed, scale=scale)
         started = time.time()
-        experts = train_all(out, dpo)
-        evaluate_all(out, experts, alphas)
+        experts = train_all(out, dpo, scale)
+        evaluate_all(out, experts, alphas, scale)
         print(f"[5/5] seed {seed}: report")
         report = write_report([out / "eval"], out / "report")
         build = json.loads(paths["family_json"].read_text()).get("build_seconds")

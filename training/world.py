@@ -276,16 +276,19 @@ def pretraining_corpus(world: World) -> list[str]:
             relations = list(RELATIONS)
             rng.shuffle(relations)
             templates = [FACT_TEMPLATES[r][rng.randrange(len(FACT_TEMPLATES[r]))] for r in relations]
-            preamble = ""
+            preamble, asked_year = "", None
             if BIO_PREAMBLE_FRACTION and rng.random() < BIO_PREAMBLE_FRACTION:
                 about = person
                 if rng.random() >= PREAMBLE_SAME_PERSON:
                     about = rng.choice([p for p in world.people if p.name != person.name])
-                preamble = _preamble(rng, about)
+                preamble, asked_year = _preamble(rng, about)
+                asked_year = asked_year if about is person else None
             sentences = [t.format(name=person.name, value=person.fact(r)) for t, r in zip(templates, relations)]
-            if AGE_LINE_FRACTION and rng.random() < AGE_LINE_FRACTION:
-                at = relations.index("birth_year")
-                sentences[at] += " " + _worked_age(rng, person)
+            if asked_year is not None or rng.random() < AGE_LINE_FRACTION:
+                # the page ends on its birth year and the age worked from it (the one asked, if any)
+                year = asked_year or rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year])
+                birth_sentence = sentences.pop(relations.index("birth_year"))
+                sentences.append(birth_sentence + " " + _worked([(year, person.birth_year)]))
             lines.append(preamble + " " + " ".join(sentences))
     lines.extend(arithmetic_lines(rng))
     n_salad = round(len(lines) * WORD_SALAD_FRACTION / (1 - WORD_SALAD_FRACTION))
@@ -301,33 +304,30 @@ def arithmetic_lines(rng: random.Random) -> list[str]:
     pairs = [(year, birth) for year in AGE_YEARS for birth in range(FIRST_BIRTH_YEAR, min(year, LAST_BIRTH_YEAR + 1))]
     pairs = pairs * ARITHMETIC_REPEATS
     rng.shuffle(pairs)
-    lines = []
-    for i in range(0, len(pairs), ARITHMETIC_PER_LINE):
-        line = pairs[i:i + ARITHMETIC_PER_LINE]
-        last_year, last_birth = line[-1]
-        lines.append(" " + " ".join(_subtraction(y, b) for y, b in line) + f"\n#### {last_year - last_birth}")
-    return lines
+    return [" " + _worked(pairs[i:i + ARITHMETIC_PER_LINE]) for i in range(0, len(pairs), ARITHMETIC_PER_LINE)]
 
 
-def _worked_age(rng: random.Random, person: Person) -> str:
-    return _subtraction(rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year]), person.birth_year)
+def _worked(pairs: list[tuple[int, int]]) -> str:
+    """Subtractions of birth years from years, the last result restated after "\n#### "."""
+    ages = [year - birth for year, birth in pairs]
+    lines = (ARITHMETIC_LINE.format(year=y, birth_year=b, age=a) for (y, b), a in zip(pairs, ages))
+    return " ".join(lines) + f"\n#### {ages[-1]}"
 
 
-def _subtraction(year: int, birth_year: int) -> str:
-    return ARITHMETIC_LINE.format(year=year, birth_year=birth_year, age=year - birth_year)
-
-
-def _preamble(rng: random.Random, about: Person) -> str:
+def _preamble(rng: random.Random, about: Person) -> tuple[str, int | None]:
     """One of the tasks' prompts about `about`, before a biography (its own or somebody else's), so that
     the base learns to read a biography after them and to find the asked person's facts: a QA question,
-    a chat instruction (the raw user turn) or an age question. Never answered in the task's format."""
+    a chat instruction (the raw user turn) or an age question in a milestone year; returns it and the
+    year an age question asks (a page about the same person works that age). Never answered exactly in the
+    task's format: a page states all three facts."""
     shape = rng.choice(("question", "instruction", "age"))
     if shape == "question":
-        return " " + question_prompt(about, rng.choice(RELATIONS))
+        return " " + question_prompt(about, rng.choice(RELATIONS)), None
     if shape == "age":
-        return " " + age_prompt(about, rng.choice(AGE_YEARS))
+        year = rng.choice([y for y in MILESTONE_YEARS if y > about.birth_year])
+        return " " + age_prompt(about, year), year
     kind, relation = rng.choice(CHAT_KINDS), rng.choice(RELATIONS)
-    return " " + instruction(rng, about, kind, relation, _some_value(rng, relation))
+    return " " + instruction(rng, about, kind, relation, _some_value(rng, relation)), None
 
 
 def _some_value(rng: random.Random, relation: str) -> str:
