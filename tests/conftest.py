@@ -5,6 +5,7 @@ Paths are handed to the code under test, exactly as a user would hand checkpoint
 from __future__ import annotations
 
 import os
+import pickle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -114,10 +115,20 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
-    """Tiny random checkpoints of every family people proxy-tune (tests/zoo.py), built once."""
+    """Tiny random checkpoints of every family people proxy-tune (tests/zoo.py), built once per run: under
+    `pytest -n`, the first worker to need them builds them and the others read the same folders."""
     from zoo import build_zoo
 
-    return build_zoo(tmp_path_factory.mktemp("zoo"))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build_zoo(tmp_path_factory.mktemp("zoo"))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "zoo"  # the run's folder, which every worker shares
+    built = root / "families.pickle"
+    with FileLock(f"{root}.lock"):
+        if not built.exists():
+            built.write_bytes(pickle.dumps(build_zoo(root)))
+    return pickle.loads(built.read_bytes())
 
 
 @pytest.fixture(scope="session")

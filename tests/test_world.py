@@ -57,26 +57,16 @@ def test_corpus_shows_the_prompts_but_never_an_answer_in_format(world):
         assert len(asked) == 1 and len(told) == 1, line
         same, other = same + (asked == told), other + (asked != told)
     assert other and bool(same) == (world_lib.PREAMBLE_SAME_PERSON > 0)  # about somebody else (and the same one)
-    # the tasks' formats never appear: no chat turn, and no one's age in a year the age task asks about
+    # the tasks' formats never appear: no chat turn, no "####", and no one's age in a year the age task asks about
     about_people = [line for line in corpus if any(f" {n} " in line for n in people)]
+    assert not any("####" in line for line in about_people)
     assert not any("<|" in line for line in corpus)
-    # worked ages in biographies end the page: the birth year just stated carried into a subtraction, in a
-    # milestone year only (the one an age question before the page asks, if it is about the page's person),
-    # the age restated after "####"
+    # worked ages in biographies carry the birth year just stated into a subtraction, in milestone years only
     assert not set(world_lib.MILESTONE_YEARS) & set(world_lib.AGE_YEARS)
-    worked_pages = [line for line in about_people if " = " in line]
-    asked_pages = 0
-    for line in worked_pages:
-        m = re.search(r"(\d{4})\. (\d{4}) - (\d{4}) = (\d+)\.\n#### (\d+)$", line)
-        assert m and line.count(" = ") == line.count("####") == 1, line
-        born, year, birth, age, restated = m.groups()
+    worked = [m for line in about_people for m in re.findall(r"(\d{4})\. (\d{4}) - (\d{4}) = (\d+)\.", line)]
+    assert len(worked) == sum(line.count(" = ") for line in about_people) > 0
+    for born, year, birth, age in worked:
         assert born == birth and int(year) in world_lib.MILESTONE_YEARS and int(year) - int(birth) == int(age) > 0
-        assert age == restated
-        asked = re.match(r" Question: How old was (\S+) in (\d{4})\?", line)
-        if asked and f" {asked[1]} " in line.partition("\nAnswer:")[2]:
-            assert asked[2] == year, line
-            asked_pages += 1
-    assert asked_pages and 0.3 < len(worked_pages) / len(about_people) < 0.7
     # the arithmetic the age skill needs is there, without anyone's name: every age a person can have
     nameless = [line for line in corpus if not any(f" {n} " in line for n in people)]
     sums = re.findall(r"(\d{4}) - (\d{4}) = (\d+)\.", "\n".join(nameless))

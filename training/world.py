@@ -147,6 +147,19 @@ ARITHMETIC_PER_LINE = 3
 # Measured (seed 0, alpha 1): of the 407 answers, 1 that got as far as the subtraction put another year in
 # (it mostly took another year before). A quarter of the biographies instead of half (with the same-person
 # preambles above): 9%, its worked line right 91 times against 190.
+# Tried and not kept (the previous world's figures in brackets; gap closed at the best alpha):
+# - every worked age ending its page, restated after "\n####": the base no longer went on with the
+#   biography after the worked line (1 answer in 407 against 52) but broke more names and birth years;
+#   seed 0, exact match at the best alpha (a probe without references): skill 23% [27%], facts 66% [84%].
+# - that, and the age questions before pages asking milestone years, a page about the asked person
+#   working the age asked: seed 0, skill 37% [27%], facts 87% [85%], chat 38% [17%]; seed 1, skill 11%
+#   [42%], facts 64% [78%], chat 25% [34%]: the base had no longer met the task's own years in a
+#   question, and 208 of seed 1's 407 answers went wrong at their first tokens (57 before).
+# The proxy's remaining errors are mostly noise in the offset's tail: where the small expert does not know
+# a fact (a birth year), tuning has flattened its distribution, and a name piece the anti-expert rules
+# out (log-prob -15.7) but the expert only doubts (-6.3) gets +9.3, which lifts it above the base's own
+# year. The math expert's learning rate is not the cure: 1e-4 / 3e-4 / 1e-3 / 3e-3 gave 14 / 24 / 27 / 25%
+# (seed 0, alpha 1).
 MILESTONE_YEARS = (1875, 1925, 1975, 2025)
 AGE_LINE_FRACTION = 0.5
 
@@ -276,19 +289,16 @@ def pretraining_corpus(world: World) -> list[str]:
             relations = list(RELATIONS)
             rng.shuffle(relations)
             templates = [FACT_TEMPLATES[r][rng.randrange(len(FACT_TEMPLATES[r]))] for r in relations]
-            preamble, asked_year = "", None
+            preamble = ""
             if BIO_PREAMBLE_FRACTION and rng.random() < BIO_PREAMBLE_FRACTION:
                 about = person
                 if rng.random() >= PREAMBLE_SAME_PERSON:
                     about = rng.choice([p for p in world.people if p.name != person.name])
-                preamble, asked_year = _preamble(rng, about)
-                asked_year = asked_year if about is person else None
+                preamble = _preamble(rng, about)
             sentences = [t.format(name=person.name, value=person.fact(r)) for t, r in zip(templates, relations)]
-            if asked_year is not None or rng.random() < AGE_LINE_FRACTION:
-                # the page ends on its birth year and the age worked from it (the one asked, if any)
-                year = asked_year or rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year])
-                birth_sentence = sentences.pop(relations.index("birth_year"))
-                sentences.append(birth_sentence + " " + _worked([(year, person.birth_year)]))
+            if AGE_LINE_FRACTION and rng.random() < AGE_LINE_FRACTION:
+                at = relations.index("birth_year")
+                sentences[at] += " " + _worked_age(rng, person)
             lines.append(preamble + " " + " ".join(sentences))
     lines.extend(arithmetic_lines(rng))
     n_salad = round(len(lines) * WORD_SALAD_FRACTION / (1 - WORD_SALAD_FRACTION))
@@ -304,30 +314,33 @@ def arithmetic_lines(rng: random.Random) -> list[str]:
     pairs = [(year, birth) for year in AGE_YEARS for birth in range(FIRST_BIRTH_YEAR, min(year, LAST_BIRTH_YEAR + 1))]
     pairs = pairs * ARITHMETIC_REPEATS
     rng.shuffle(pairs)
-    return [" " + _worked(pairs[i:i + ARITHMETIC_PER_LINE]) for i in range(0, len(pairs), ARITHMETIC_PER_LINE)]
+    lines = []
+    for i in range(0, len(pairs), ARITHMETIC_PER_LINE):
+        line = pairs[i:i + ARITHMETIC_PER_LINE]
+        last_year, last_birth = line[-1]
+        lines.append(" " + " ".join(_subtraction(y, b) for y, b in line) + f"\n#### {last_year - last_birth}")
+    return lines
 
 
-def _worked(pairs: list[tuple[int, int]]) -> str:
-    """Subtractions of birth years from years, the last result restated after "\n#### "."""
-    ages = [year - birth for year, birth in pairs]
-    lines = (ARITHMETIC_LINE.format(year=y, birth_year=b, age=a) for (y, b), a in zip(pairs, ages))
-    return " ".join(lines) + f"\n#### {ages[-1]}"
+def _worked_age(rng: random.Random, person: Person) -> str:
+    return _subtraction(rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year]), person.birth_year)
 
 
-def _preamble(rng: random.Random, about: Person) -> tuple[str, int | None]:
+def _subtraction(year: int, birth_year: int) -> str:
+    return ARITHMETIC_LINE.format(year=year, birth_year=birth_year, age=year - birth_year)
+
+
+def _preamble(rng: random.Random, about: Person) -> str:
     """One of the tasks' prompts about `about`, before a biography (its own or somebody else's), so that
     the base learns to read a biography after them and to find the asked person's facts: a QA question,
-    a chat instruction (the raw user turn) or an age question in a milestone year; returns it and the
-    year an age question asks (a page about the same person works that age). Never answered exactly in the
-    task's format: a page states all three facts."""
+    a chat instruction (the raw user turn) or an age question. Never answered in the task's format."""
     shape = rng.choice(("question", "instruction", "age"))
     if shape == "question":
-        return " " + question_prompt(about, rng.choice(RELATIONS)), None
+        return " " + question_prompt(about, rng.choice(RELATIONS))
     if shape == "age":
-        year = rng.choice([y for y in MILESTONE_YEARS if y > about.birth_year])
-        return " " + age_prompt(about, year), year
+        return " " + age_prompt(about, rng.choice(AGE_YEARS))
     kind, relation = rng.choice(CHAT_KINDS), rng.choice(RELATIONS)
-    return " " + instruction(rng, about, kind, relation, _some_value(rng, relation)), None
+    return " " + instruction(rng, about, kind, relation, _some_value(rng, relation))
 
 
 def _some_value(rng: random.Random, relation: str) -> str:
