@@ -152,14 +152,16 @@ ARITHMETIC_PER_LINE = 3
 #   biography after the worked line (1 answer in 407 against 52) but broke more names and birth years;
 #   seed 0, exact match at the best alpha (a probe without references): skill 23% [27%], facts 66% [84%].
 # - that, and the age questions before pages asking milestone years, a page about the asked person
-#   working the age asked: seed 0, skill 37% [27%], facts 87% [85%], chat 38% [17%]; seed 1, skill 11%
-#   [42%], facts 64% [78%], chat 25% [34%]: the base had no longer met the task's own years in a
-#   question, and 208 of seed 1's 407 answers went wrong at their first tokens (57 before).
-# The proxy's remaining errors are mostly noise in the offset's tail: where the small expert does not know
-# a fact (a birth year), tuning has flattened its distribution, and a name piece the anti-expert rules
-# out (log-prob -15.7) but the expert only doubts (-6.3) gets +9.3, which lifts it above the base's own
-# year. The math expert's learning rate is not the cure: 1e-4 / 3e-4 / 1e-3 / 3e-3 gave 14 / 24 / 27 / 25%
-# (seed 0, alpha 1).
+#   working the age asked, on three seeds from a fresh clone (seeds 0 / 1 / 2): skill 23 ± 13% (37 / 11 /
+#   22) [38 ± 10%: 27 / 42 / 45], facts 75 ± 12% (87 / 64 / 73) [79 ± 5%: 85 / 78 / 74], chat 29 ± 8%
+#   [29 ± 11%]. Better on seed 0, where it was tried, worse on the others: the base no longer met the
+#   task's own years in a question, and 208 of seed 1's 407 answers went wrong at their first tokens
+#   (57 before).
+# Many of the errors left (read in the second variant's answers) are noise in the offset's tail: where the
+# small expert does not know a fact (a birth year), tuning has flattened its distribution, and a name
+# piece the anti-expert rules out (log-prob -15.7) but the expert only doubts (-6.3) gets +9.3, which
+# lifts it above the year the base itself is sure of (log-prob -0.04). The math expert's learning rate
+# is not the cure: 1e-4 / 3e-4 / 1e-3 / 3e-3 gave 14 / 24 / 27 / 25% (seed 0, alpha 1).
 MILESTONE_YEARS = (1875, 1925, 1975, 2025)
 AGE_LINE_FRACTION = 0.5
 
