@@ -103,7 +103,8 @@ def train(app: str, overrides: list[str]) -> str:
     return result["path"]
 
 
-def evaluate(task: str, name: str, overrides: list[str], out: Path, max_new_tokens: int = 48) -> None:
+def evaluate(task: str, name: str, overrides: list[str], out: Path,
+             max_new_tokens: int = SCALES["full"]["max_new_tokens"]) -> None:
     from eval.run import evaluate as run_eval
 
     cfg = config("eval", [f"+task={task}", f"paths.outputs={out}", f"generation.max_new_tokens={max_new_tokens}",
