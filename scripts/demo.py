@@ -114,8 +114,11 @@ def evaluate(task: str, name: str, overrides: list[str], out: Path,
 
 def train_all(out: Path, dpo: bool, scale: str = "full") -> dict[str, list[str]]:
     """Every expert and reference of the seed; returns task -> its experts' registered names."""
+    def tune(app: str, overrides: list[str]) -> str:
+        return train(app, [*overrides, *SCALES[scale]["training"]])
+
     def sft(task: str, size: str, name: str, *more: str) -> str:
-        return train("sft", [*sft_overrides(task, size, name, out), *more, *SCALES[scale]["training"]])
+        return tune("sft", [*sft_overrides(task, size, name, out), *more])
 
     experts = {task: [expert] for task, (expert, _) in TASKS.items()}
     print("[2/5] experts: SFT of the small base on each task's tuning people (full fine-tuning)")
@@ -129,7 +132,7 @@ def train_all(out: Path, dpo: bool, scale: str = "full") -> dict[str, list[str]]
     experts["tinyworld"].append("tiny-expert-lora")
     if dpo:
         print("[2/5] DPO of the SFT expert on preference pairs (its anti-expert stays the small base)")
-        train("dpo", [*dpo_overrides(qa_expert, out), *SCALES[scale]["training"]])
+        tune("dpo", dpo_overrides(qa_expert, out))
         experts["tinyworld"].append("tiny-expert-dpo")
     print("[3/5] references: the large base tuned directly on each task, the same way")
     for task, (_, reference) in TASKS.items():
