@@ -4,11 +4,14 @@
     python -m scripts.demo --seeds 1       # another world: its own family, models and registry
     python -m scripts.demo --seeds 0 1 2   # the whole job on each, then every number as mean ± sd
     python -m scripts.demo --alphas 1      # the proxies at alpha 1 only (default: 0.5 to 1.25)
+    python -m scripts.demo --jobs 1        # the stages one after another in this process (default: 2 at once)
 
 Per seed: build or reuse the family -> tune the small base into an expert per task (the QA task also with
 LoRA and with DPO on top; the chat task with a chat template whose markers are tokens added to the
 expert's vocabulary) -> register -> tune the large base directly on each task (the references) ->
 evaluate every model and the proxy-tuned large model over a sweep of alpha -> that seed's tables.
+The tunings and evaluations are stages (scripts/stages.py) that run two at a time on two cores, each
+as soon as the models it reads exist; the results are the same with --jobs 1.
 Then one report over the seeds: the tables, report.json and a plot (its path on the last line).
 
 Every stage is composed from conf/ with the same overrides a user would type, e.g. the expert is
@@ -28,6 +31,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from core import CONF_DIR, PROJECT_ROOT
+from scripts.stages import Stage, StageFailed, run_stages
 from training import world
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
@@ -41,6 +45,15 @@ TASKS = {
     "tinychat": ("tiny-chat-expert", "tiny-large-chat"),
     "tinymath": ("tiny-math-expert", "tiny-large-math"),
 }
+
+
+PLAN = """[2/5] experts: the small base tuned on each task's tuning people (full SFT); on the QA task also a
+      LoRA expert, left unmerged (proxy decoding runs it as its own anti-expert), and DPO on top of the
+      SFT expert; the chat expert with role and end-of-turn markers added to its tokenizer, tuned on
+      conversations; the math expert on age questions with a worked line before '#### <age>'
+[3/5] references: the large base tuned directly on each task, the same way
+[4/5] evaluation on held-out people: every model, and the proxy-tuned large model at each alpha
+      {n} stages, each starting once the models it reads are tuned, in {where}"""
 
 
 def config(app: str, overrides: list[str]):
@@ -85,9 +98,11 @@ def sft_overrides(task: str, size: str, name: str, out: Path) -> list[str]:
     ]
 
 
-def dpo_overrides(expert_path: str, out: Path) -> list[str]:
+def dpo_overrides(out: Path) -> list[str]:
+    """DPO on top of the QA expert: its job folder's model (the `tiny-expert` stage's output)."""
     return [
-        "+task=tinyworld", f"model={expert_path}", "name=tiny-expert-dpo", f"paths.outputs={out}",
+        "+task=tinyworld", f"model={out / 'train' / 'tiny-expert' / 'model'}", "name=tiny-expert-dpo",
+        f"paths.outputs={out}",
         "training.learning_rate=2e-4", "training.num_train_epochs=1", "training.beta=0.1",
         "training.per_device_train_batch_size=32", "training.gradient_accumulation_steps=1",
         "training.activation_checkpointing=false", "training.max_length=128", "training.logging_steps=25",
@@ -112,52 +127,53 @@ def evaluate(task: str, name: str, overrides: list[str], out: Path,
     run_eval(cfg, out_dir=str(out / "eval" / task / name))
 
 
-def train_all(out: Path, dpo: bool, scale: str = "full") -> dict[str, list[str]]:
-    """Every expert and reference of the seed; returns task -> its experts' registered names."""
-    def tune(app: str, overrides: list[str]) -> str:
-        return train(app, [*overrides, *SCALES[scale]["training"]])
+def tuning_stages(out: Path, dpo: bool, scale: str = "full") -> tuple[list[Stage], dict[str, list[str]]]:
+    """Every expert and reference of the seed, as stages named after the registered model; and
+    task -> its experts' registered names."""
+    extra = SCALES[scale]["training"]
 
-    def sft(task: str, size: str, name: str, *more: str) -> str:
-        return tune("sft", [*sft_overrides(task, size, name, out), *more])
+    def sft(task: str, size: str, name: str, *more: str) -> Stage:
+        return Stage(name, train, ("sft", [*sft_overrides(task, size, name, out), *more, *extra]))
 
     experts = {task: [expert] for task, (expert, _) in TASKS.items()}
-    print("[2/5] experts: SFT of the small base on each task's tuning people (full fine-tuning)")
-    qa_expert = sft("tinyworld", "small", "tiny-expert")
-    print("[2/5] the chat expert: role and end-of-turn markers added to its tokenizer, tuned on conversations")
-    sft("tinychat", "small", "tiny-chat-expert")
-    print("[2/5] the math expert: age questions with a worked line before '#### <age>'")
-    sft("tinymath", "small", "tiny-math-expert")
-    print("[2/5] a LoRA expert, left unmerged: proxy decoding can run it as its own anti-expert")
-    sft("tinyworld", "small", "tiny-expert-lora", "peft=lora", "training.merge=false", "training.learning_rate=3e-3")
-    experts["tinyworld"].append("tiny-expert-lora")
+    # the longest chain first (the QA expert, then DPO on top of it), then the large references
+    stages = [sft("tinyworld", "small", "tiny-expert")]
     if dpo:
-        print("[2/5] DPO of the SFT expert on preference pairs (its anti-expert stays the small base)")
-        tune("dpo", dpo_overrides(qa_expert, out))
+        stages.append(Stage("tiny-expert-dpo", train, ("dpo", [*dpo_overrides(out), *extra]), ("tiny-expert",)))
         experts["tinyworld"].append("tiny-expert-dpo")
-    print("[3/5] references: the large base tuned directly on each task, the same way")
-    for task, (_, reference) in TASKS.items():
-        sft(task, "large", reference)
-    return experts
+    stages += [sft(task, "large", reference) for task, (_, reference) in TASKS.items()]
+    stages += [sft("tinychat", "small", "tiny-chat-expert"), sft("tinymath", "small", "tiny-math-expert"),
+               sft("tinyworld", "small", "tiny-expert-lora", "peft=lora", "training.merge=false",
+                   "training.learning_rate=3e-3")]
+    experts["tinyworld"].insert(1, "tiny-expert-lora")
+    return stages, experts
 
 
-def evaluate_all(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, scale: str = "full") -> None:
-    def run(task: str, name: str, *overrides: str) -> None:
-        evaluate(task, name, list(overrides), out, SCALES[scale]["max_new_tokens"])
+def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, scale: str = "full") -> list[Stage]:
+    """Every model of each task, and the proxy-tuned large model at each alpha, on held-out people."""
+    tokens = SCALES[scale]["max_new_tokens"]
+    tuned = {name for names in experts.values() for name in names} | {ref for _, ref in TASKS.values()}
 
-    print("[4/5] evaluation on held-out people")
+    def run(task: str, name: str, models: tuple[str, ...], *overrides: str) -> Stage:
+        return Stage(f"eval-{task}-{name}", evaluate, (task, name, list(overrides), out, tokens),
+                     tuple(m for m in models if m in tuned))
+
+    stages = []
     for task, names in experts.items():
         for model in ("tiny-small", *names, "tiny-large", TASKS[task][1]):
-            run(task, model, f"model={model}")
+            stages.append(run(task, model, (model,), f"model={model}"))
         for name in names:
             for alpha in alphas:
-                run(task, f"proxy-{name}-a{alpha:g}", "base=tiny-large", f"expert={name}", f"proxy.alpha={alpha}")
-    run("tinyworld", "proxy-tiny-expert-a1-nf4", "base=tiny-large", "expert=tiny-expert", "proxy.alpha=1.0",
-        "load.base.quantization=nf4")
-    run("tinyworld", "proxy-tiny-expert-lora-a1-shared", "base=tiny-large", "expert=tiny-expert-lora",
-        "proxy.alpha=1.0", "proxy.shared_pair=true")
+                stages.append(run(task, f"proxy-{name}-a{alpha:g}", (name,), "base=tiny-large", f"expert={name}",
+                                  f"proxy.alpha={alpha}"))
+    stages.append(run("tinyworld", "proxy-tiny-expert-a1-nf4", ("tiny-expert",), "base=tiny-large",
+                      "expert=tiny-expert", "proxy.alpha=1.0", "load.base.quantization=nf4"))
+    stages.append(run("tinyworld", "proxy-tiny-expert-lora-a1-shared", ("tiny-expert-lora",), "base=tiny-large",
+                      "expert=tiny-expert-lora", "proxy.alpha=1.0", "proxy.shared_pair=true"))
+    return stages
 
 
-def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS) -> tuple[Path, dict]:
+def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS, jobs: int = 1) -> tuple[Path, dict]:
     """The whole job on one seed's world; its report, and how long the family and the job took."""
     from eval.report import write_report
     from training.family import build_family
@@ -166,8 +182,11 @@ def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS) -> tupl
         print(f"[1/5] seed {seed}: model family in {family_dir(seed)} (built once, then cached)")
         paths = build_family(family_dir(seed), seed=seed, scale=scale)
         started = time.time()
-        experts = train_all(out, dpo, scale)
-        evaluate_all(out, experts, alphas, scale)
+        tuning, experts = tuning_stages(out, dpo, scale)
+        stages = [*tuning, *evaluation_stages(out, experts, alphas, scale)]
+        where = f"{jobs} processes, each stage's output in {out / 'logs'}" if jobs > 1 else "this process"
+        print(PLAN.format(n=len(stages), where=where))
+        run_stages(stages, jobs, out / "logs")
         print(f"[5/5] seed {seed}: report")
         report = write_report([out / "eval"], out / "report")
         build = json.loads(paths["family_json"].read_text()).get("build_seconds")
@@ -179,6 +198,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="worlds to run the job on (default: 0)")
     parser.add_argument("--scale", default="full", choices=["full", "test"], help="test: a seconds-long smoke run")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="stages run at once, each in a process of its own (default: 2 where there are "
+                             "2 cores; 1: one after another in this process)")
     parser.add_argument("--no-dpo", action="store_true", help="skip the DPO expert")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
                         help=f"the proxies' alphas (default: {' '.join(f'{a:g}' for a in ALPHAS)})")
@@ -191,7 +213,11 @@ def main() -> None:
     started = time.time()
     reports, times = {}, {}
     for seed in args.seeds:
-        reports[seed], times[seed] = run_seed(seed, out / f"seed-{seed}", args.scale, not args.no_dpo, args.alphas)
+        try:
+            reports[seed], times[seed] = run_seed(seed, out / f"seed-{seed}", args.scale, not args.no_dpo,
+                                                 args.alphas, args.jobs)
+        except StageFailed as exc:  # a worker's traceback is in the stage's log; here, one line naming it
+            raise SystemExit(f"error: {exc}") from None
     from eval.report import combine_reports
 
     print(f"== {len(args.seeds)} seed(s): {', '.join(map(str, args.seeds))}")

@@ -169,12 +169,15 @@ def env(tmp_path, **extra):
 
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
-    """`python -m scripts.demo --scale test`, in this process: it ends with the report's path."""
+    """`python -m scripts.demo --scale test --jobs 1` in this process: it ends with the report's path.
+    (`make demo` runs the same stages two at a time in worker processes: test_stages.py runs the
+    runner's workers, and test_every_demo_stage_can_go_to_a_worker the demo's stages.)"""
     from scripts import demo
 
     monkeypatch.setenv("PROXY_FAMILY_DIR", str(tmp_path / "family"))  # the presets and the task read it
     monkeypatch.setattr(demo, "FAMILY_DIR", tmp_path / "family")
-    monkeypatch.setattr(sys, "argv", ["demo", "--scale", "test", "--out", str(tmp_path / "demo"), "--alphas", "0.5", "1"])
+    monkeypatch.setattr(sys, "argv", ["demo", "--scale", "test", "--out", str(tmp_path / "demo"), "--alphas", "0.5", "1",
+                                      "--jobs", "1"])
     try:
         demo.main()
     finally:
@@ -198,6 +201,27 @@ def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
     assert chat["added_tokens"] == ["<|user|>", "<|assistant|>", "<|end|>"]
     base_vocabulary = len(AutoTokenizer.from_pretrained(tmp_path / "family" / "tokenizer"))
     assert len(AutoTokenizer.from_pretrained(chat["path"])) == base_vocabulary + 3
+
+
+def test_every_demo_stage_can_go_to_a_worker(tmp_path):
+    """What a spawned worker receives: each stage pickles by reference to a module-level function, with
+    plain arguments, and each needs only stages listed before it."""
+    import pickle
+
+    from scripts import demo
+    from scripts.stages import check_order
+
+    tuning, experts = demo.tuning_stages(tmp_path, dpo=True)
+    stages = [*tuning, *demo.evaluation_stages(tmp_path, experts)]
+    check_order(stages)
+    assert len(tuning) == 8 and len(stages) == 8 + 36
+    for stage in stages:
+        assert pickle.loads(pickle.dumps(stage)) == stage
+        assert stage.fn in (demo.train, demo.evaluate)
+    needs = {s.name: s.needs for s in stages}
+    assert needs["tiny-expert-dpo"] == ("tiny-expert",)
+    assert needs["eval-tinyworld-proxy-tiny-expert-dpo-a1"] == ("tiny-expert-dpo",)
+    assert needs["eval-tinymath-tiny-large"] == ()  # the family's own base waits for nothing
 
 
 def test_sweep_job_folder_names_are_flat_and_unique():

@@ -310,7 +310,7 @@ def test_the_server_refuses_what_it_cannot_batch_in_one_line(tiny_family):
 
 
 @pytest.mark.slow
-def test_the_command_line_serves_until_stopped(tiny_family):
+def test_the_command_line_serves_until_stopped(tiny_family, tmp_path):
     """`python -m proxy.serve ...` in its own process: it answers, then stops on SIGTERM (uvicorn shuts down
     gracefully, then lets the signal end the process)."""
     import os
@@ -323,7 +323,7 @@ def test_the_command_line_serves_until_stopped(tiny_family):
         port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "proxy.serve", f"base={tiny_family.large}",
                              f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}", "logger=none",
-                             f"server.port={port}", "server.log_level=warning"], cwd=ROOT,
+                             f"server.port={port}", "server.log_level=warning", f"paths.outputs={tmp_path}"], cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True)
     try:
         url, answer = f"http://127.0.0.1:{port}", None

@@ -254,3 +254,22 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
             (folder / "trainer_state.json").write_text("{}")
     assert common.last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert common.last_checkpoint(tmp_path / "none") is None
+
+
+def test_rows_for_added_tokens_come_from_the_run_s_seed(tiny_family):
+    """The chat expert's new rows (mean resizing draws them) are the same whatever ran before in the
+    process, so a stage gives the same checkpoint in a worker of its own as after other stages."""
+    from omegaconf import OmegaConf
+
+    from core.loading import load_model, load_tokenizer
+
+    def resized(seed_before: int) -> torch.Tensor:
+        model, tokenizer = load_model(tiny_family.small), load_tokenizer(tiny_family.small)
+        tokenizer.add_special_tokens({"extra_special_tokens": ["<|user|>", "<|end|>"]})
+        torch.manual_seed(seed_before)  # what an earlier run left in the global generator
+        common.fit_to_tokenizer(model, tokenizer, OmegaConf.create({"name": "chat"}), seed=42)
+        assert torch.initial_seed() == seed_before  # the draw leaves the caller's generator alone
+        return model.get_input_embeddings().weight[-2:].detach().clone()
+
+    first, second = resized(0), resized(1)
+    assert first.shape[0] == 2 and torch.equal(first, second)

@@ -236,7 +236,7 @@ def train(cfg: DictConfig, algorithm: str, callbacks: Sequence[Any] = ()) -> dic
         # DeepSpeed ZeRO-3 the weights are partitioned as they load (no process holds the whole model)
         args = trainer_config(cfg, algorithm, out, report_to="wandb" if tracker.run is not None else "none")
         model = load_model(spec, for_training=True)
-        fit_to_tokenizer(model, tokenizer, task)
+        fit_to_tokenizer(model, tokenizer, task, seed=args.seed)
         if lora is not None:
             check_lora_targets(model, lora)
             if spec.quantization:
@@ -282,12 +282,15 @@ def training_tokenizer(spec: ModelSpec, task: DictConfig):
     return tokenizer
 
 
-def fit_to_tokenizer(model, tokenizer, task: DictConfig) -> None:
+def fit_to_tokenizer(model, tokenizer, task: DictConfig, seed: int) -> None:
     """Rows for the tokens the tokenizer added (transformers' mean resizing: new rows drawn around the mean
-    of the trained ones), and the task's end of turn among the ids the model stops at, as an instruct
-    model's generation config lists it (proxy decoding folds it into the shared end of sequence)."""
+    of the trained ones, from the run's seed, so the draw does not depend on what ran before in the
+    process), and the task's end of turn among the ids the model stops at, as an instruct model's
+    generation config lists it (proxy decoding folds it into the shared end of sequence)."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     end = task.get("end_of_turn")
     if end:
         if end not in tokenizer.get_vocab():
