@@ -34,7 +34,7 @@ demo-seeds: setup
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo --seeds $(SEEDS)
 
 test: setup
-	WANDB_MODE=offline $(PY) -m pytest -q -n 2
+	WANDB_MODE=offline $(PY) -m pytest -q -n 2 --dist worksteal
 
 bench: setup
 	WANDB_MODE=offline $(PY) -m scripts.bench_decoding
