@@ -110,12 +110,11 @@ def dpo_overrides(out: Path) -> list[str]:
     ]
 
 
-def train(app: str, overrides: list[str]) -> str:
+def train(app: str, overrides: list[str]) -> None:
+    """One tuning, as `python -m training.<app> <overrides>` runs it (it registers the model)."""
     from training import dpo, sft
 
-    stage = {"sft": sft, "dpo": dpo}[app]
-    result = stage.run(config(app, overrides))
-    return result["path"]
+    {"sft": sft, "dpo": dpo}[app].run(config(app, overrides))
 
 
 def evaluate(task: str, name: str, overrides: list[str], out: Path,

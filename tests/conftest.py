@@ -175,7 +175,8 @@ def isolated_registry(tmp_path_factory, monkeypatch):
 def checkout_left_alone():
     """No test writes into the checkout's own run folders (the user's outputs/, multirun/, wandb/): each
     writes under its tmp_path. Fails at the end of the run, naming what appeared."""
-    root = Path(__file__).resolve().parent.parent
+    from helpers import ROOT as root
+
     folders = [root / name for name in ("outputs", "multirun", "wandb")]
 
     def paths() -> set[Path]:
