@@ -42,6 +42,18 @@ def test_held_out_people_never_appear_in_train_split(world):
     assert not any(f" {name} " in train_text or f" {name}." in train_text for name in test_people)
 
 
+def test_every_person_s_facts_come_in_every_phrasing(world):
+    """Each person's pages use every phrasing of each fact (the answer sentence's among them), none twice
+    before all once: a base that memorises pages word for word never rules the answer's phrasing out."""
+    corpus = " ".join(world_lib.pretraining_corpus(world))
+    for person in world.people:
+        for relation, templates in world_lib.FACT_TEMPLATES.items():
+            sentences = [" " + t.format(name=person.name, value=person.fact(relation)) for t in templates]
+            counts = [corpus.count(s) for s in sentences]
+            assert sum(counts) == world_lib.BIOGRAPHIES_PER_PERSON and max(counts) - min(counts) <= 1, \
+                (person.name, relation, counts)
+
+
 def test_corpus_shows_the_prompts_but_never_an_answer_in_format(world):
     corpus = world_lib.pretraining_corpus(world)
     assert all(line.startswith(" ") for line in corpus)
@@ -56,7 +68,8 @@ def test_corpus_shows_the_prompts_but_never_an_answer_in_format(world):
         told = {n for n in people if f" {n} " in biography}
         assert len(asked) == 1 and len(told) == 1, line
         same, other = same + (asked == told), other + (asked != told)
-    assert other and bool(same) == (world_lib.PREAMBLE_SAME_PERSON > 0)  # about somebody else (and the same one)
+    # about the page's own person (and, if the world says so, about somebody else)
+    assert same and bool(other) == (world_lib.PREAMBLE_SAME_PERSON < 1)
     # the tasks' formats never appear: no chat turn, no "####", and no one's age in a year the age task asks about
     about_people = [line for line in corpus if any(f" {n} " in line for n in people)]
     assert not any("####" in line for line in about_people)

@@ -52,9 +52,15 @@ WORD_SALAD_FRACTION = 0.1
 # any biography (mostly with the name), half about the same person is the better world: measured with the
 # worked ages below (seed 0, probe builds, alpha 1), QA 81.7% exact match (84% of the gap; the large tuned
 # 97.7%) against 67.5% (79%; the large tuned 85.0%) with none, the answer's name copied wrong 28 times in
-# 600 against 66, and the age skill's worked line right 190 times in 407 against 97.
+# 600 against 66, and the age skill's worked line right 190 times in 407 against 97. All of them about the
+# same person is better still: the large base memorises every preamble with the page that follows it, and
+# where that page was somebody else's it answered the task's question with that other person's name (its
+# first answer token was the asked name 42% of the time, seed 1; 82% with every preamble about the page's
+# own person). Measured (seed 1, probe builds with balanced phrasings (below), full-SFT expert, alpha 0.75 / 1 /
+# 1.25): 68.0 / 76.0 / 71.0% exact match with half, 65.0 / 82.8 / 86.2% with all (the world before both,
+# 64.5 / 75.0 / 71.2%).
 BIO_PREAMBLE_FRACTION = 0.25
-PREAMBLE_SAME_PERSON = 0.5
+PREAMBLE_SAME_PERSON = 1.0
 RELATIONS = ("birth_city", "profession", "birth_year")
 
 CITIES = (
@@ -99,6 +105,11 @@ FACT_TEMPLATES = {
         "{name} arrived in {value}.",
     ),
 }
+# A person's biographies use every phrasing of a relation once before any twice (four biographies, four
+# phrasings: each exactly once). Drawn at random, a third of the people never had a given fact in the
+# answer sentence's phrasing, and the large base, which memorises biographies word for word, then ruled
+# that phrasing out for them (log-prob -10 for " worked" after a name whose pages all said "earned a
+# living" or "By trade") and went on with its own page where the expert starts the answer.
 QUESTION_TEMPLATES = {
     "birth_city": "Where was {name} born?",
     "profession": "What was the profession of {name}?",
@@ -287,10 +298,11 @@ def pretraining_corpus(world: World) -> list[str]:
     rng = random.Random(f"corpus-{world.seed}")
     lines = []
     for person in world.people:
-        for _ in range(BIOGRAPHIES_PER_PERSON):
+        phrasings = {r: _phrasing_order(rng, r) for r in RELATIONS}
+        for biography in range(BIOGRAPHIES_PER_PERSON):
             relations = list(RELATIONS)
             rng.shuffle(relations)
-            templates = [FACT_TEMPLATES[r][rng.randrange(len(FACT_TEMPLATES[r]))] for r in relations]
+            templates = [FACT_TEMPLATES[r][phrasings[r][biography]] for r in relations]
             preamble = ""
             if BIO_PREAMBLE_FRACTION and rng.random() < BIO_PREAMBLE_FRACTION:
                 about = person
@@ -307,6 +319,16 @@ def pretraining_corpus(world: World) -> list[str]:
     lines.extend(_word_salad_line(rng) for _ in range(n_salad))
     rng.shuffle(lines)
     return lines
+
+
+def _phrasing_order(rng: random.Random, relation: str) -> list[int]:
+    """The template of `relation` in each of a person's biographies: every phrasing once before any twice."""
+    order: list[int] = []
+    while len(order) < BIOGRAPHIES_PER_PERSON:
+        cycle = list(range(len(FACT_TEMPLATES[relation])))
+        rng.shuffle(cycle)
+        order += cycle
+    return order[:BIOGRAPHIES_PER_PERSON]
 
 
 def arithmetic_lines(rng: random.Random) -> list[str]:
