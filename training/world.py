@@ -168,6 +168,11 @@ ARITHMETIC_PER_LINE = 3
 #   [29 ± 11%]. Better on seed 0, where it was tried, worse on the others: the base no longer met the
 #   task's own years in a question, and 208 of seed 1's 407 answers went wrong at their first tokens
 #   (57 before).
+# - worked ages in any year after the birth but AGE_YEARS (in the world of every preamble about the page's
+#   own person and balanced phrasings): skill 30.3 / 29.3 / 19.3% at alpha 0.75 / 1 / 1.25 against 33.1 /
+#   30.0 / 18.3% (seed 1, probe build); after "1950 - " the base still took a year from the nameless table
+#   (-4.6 for the one just stated), the task's years only ever starting a nameless subtraction. Facts
+#   84.0 / 88.5 / 84.7% against 65.0 / 82.8 / 86.2%, on that seed only.
 # Many of the errors left (read in the second variant's answers) are noise in the offset's tail: where the
 # small expert does not know a fact (a birth year), tuning has flattened its distribution, and a name
 # piece the anti-expert rules out (log-prob -15.7) but the expert only doubts (-6.3) gets +9.3, which
