@@ -56,9 +56,9 @@ WORD_SALAD_FRACTION = 0.1
 # same person is better still: the large base memorises every preamble with the page that follows it, and
 # where that page was somebody else's it answered the task's question with that other person's name (its
 # first answer token was the asked name 42% of the time, seed 1; 82% with every preamble about the page's
-# own person). Measured (seed 1, probe builds with balanced phrasings (below), full-SFT expert, alpha 0.75 / 1 /
-# 1.25): 68.0 / 76.0 / 71.0% exact match with half, 65.0 / 82.8 / 86.2% with all (the world before both,
-# 64.5 / 75.0 / 71.2%).
+# own person). Measured (seed 1, probe builds with balanced phrasings (below), full-SFT expert, alpha
+# 0.75 / 1 / 1.25): 68.0 / 76.0 / 71.0% exact match with half, 65.0 / 82.8 / 86.2% with all (the world
+# before both, 64.5 / 75.0 / 71.2%).
 BIO_PREAMBLE_FRACTION = 0.25
 PREAMBLE_SAME_PERSON = 1.0
 RELATIONS = ("birth_city", "profession", "birth_year")
@@ -294,8 +294,8 @@ def world_digest(world: World) -> str:
 
 
 def pretraining_corpus(world: World) -> list[str]:
-    """Biographies (shuffled fact order, random paraphrases), a quarter after a task's prompt, the
-    arithmetic lines, plus ~10% word salad.
+    """Biographies (shuffled fact order, each paraphrase once per person), a quarter after a task's
+    prompt, the arithmetic lines, plus ~10% word salad.
 
     Every line starts with a space: the BPE splits a name differently with and without
     one, and in an answer the name always follows a space.
