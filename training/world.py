@@ -173,6 +173,15 @@ ARITHMETIC_PER_LINE = 3
 #   30.0 / 18.3% (seed 1, probe build); after "1950 - " the base still took a year from the nameless table
 #   (-4.6 for the one just stated), the task's years only ever starting a nameless subtraction. Facts
 #   84.0 / 88.5 / 84.7% against 65.0 / 82.8 / 86.2%, on that seed only.
+# - nameless arithmetic lines stating the birth year first ("Someone was born in the year 1913. 1950 - 1913
+#   = 37."): the carry was learnt (seed 1, alpha 1: the right birth year carried 284 times in 393 against
+#   125) but the result broke (right 21 times against 253): the large base answered with the worked age of
+#   the person's own pages (2025 - 1989 = 36 for "2000 - 1989 =", log-prob -0.0), both small models knew
+#   11, and the offset had nothing to correct it with. Skill 1.8 / 3.8 / 6.1%, facts 73.5 / 78.2 / 73.8%.
+#   Those lines with no worked ages on anyone's pages (AGE_LINE_FRACTION 0; seeds 1 / 2, alpha 0.75 / 1 /
+#   1.25): skill 25.2 / 46.1 / 43.0% and 27.0 / 29.7 / 24.3% (this world: 33.1 / 30.0 / 18.3% and 34.9 /
+#   33.7 / 25.3%), facts 74.0 / 82.0 / 81.2% and 77.5 / 81.8 / 80.0% (65.0 / 82.8 / 86.2% and 67.8 / 87.7 /
+#   86.0%): on seed 2 the base mostly went on with the page after the birth year (158 worked lines in 407).
 # Many of the errors left (read in the second variant's answers) are noise in the offset's tail: where the
 # small expert does not know a fact (a birth year), tuning has flattened its distribution, and a name
 # piece the anti-expert rules out (log-prob -15.7) but the expert only doubts (-6.3) gets +9.3, which
