@@ -104,6 +104,7 @@ class ProxyLM(TemplateLM):
         anti_expert: str | None = None,
         alpha: float = 1.0,
         expert_format: str | None = None,
+        plausibility: float = 0.0,
         batch_size: int | str | None = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
@@ -126,7 +127,8 @@ class ProxyLM(TemplateLM):
                     load[role]["device_map"] = device
             cfg = OmegaConf.create({
                 "base": str(base), "expert": expert, "anti_expert": anti_expert, "load": load,
-                "proxy": {"alpha": alpha, "expert_format": expert_format, "extra_pairs": []},
+                "proxy": {"alpha": alpha, "expert_format": expert_format, "extra_pairs": [],
+                          "plausibility": plausibility},
             })
             engine, _ = build_engine(cfg)
         elif kwargs:

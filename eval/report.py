@@ -216,14 +216,16 @@ def _percent(row: dict[str, Any], field: str, digits: int) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"{'':<14} {'model':<46} {'alpha':>5} {metric:>16} {'gap closed':>12} {'changed':>8}"]
+    names = []
     for r in rows:
-        name = r["model"] if r["kind"] != "proxy" else f"{Path(str(r['model'])).name} + {Path(str(r['expert'])).name}"
-        if r.get("variant"):
-            name += f" ({r['variant']})"
+        name = str(r["model"]) if r["kind"] != "proxy" else f"{Path(str(r['model'])).name} + {Path(str(r['expert'])).name}"
+        names.append(name + (f" ({r['variant']})" if r.get("variant") else ""))
+    width = min(max([46, *map(len, names)]), 64)  # a long path keeps its end
+    lines = [f"{'':<14} {'model':<{width}} {'alpha':>5} {metric:>16} {'gap closed':>12} {'changed':>8}"]
+    for r, name in zip(rows, names):
         changed = f"{r['changed_share'] * 100:.1f}%" if r.get("changed_share") is not None else ""
         alpha = f"{r['alpha']:g}" if r.get("alpha") is not None else ""
-        lines.append(f"{r['kind']:<14} {str(name)[-46:]:<46} {alpha:>5} {_percent(r, metric, 1):>16} "
+        lines.append(f"{r['kind']:<14} {name[-width:]:<{width}} {alpha:>5} {_percent(r, metric, 1):>16} "
                      f"{_percent(r, 'gap_closed', 0):>12} {changed:>8}")
     return "\n".join(lines)
 

@@ -39,7 +39,8 @@ def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
     first = pairs[0]
     k = (cfg.proxy.get("speculative") or {}).get("k")
     options = [str(cfg.load.base.get("quantization") or ""), "shared pair" if cfg.proxy.get("shared_pair") else "",
-               f"speculative k={k}" if k is not None else ""]
+               f"speculative k={k}" if k is not None else "",
+               f"plausibility {cfg.proxy.plausibility:g}" if cfg.proxy.get("plausibility") else ""]
     return {"role": "proxy", "model": str(cfg.base), "expert": first.name, "anti_expert": first.anti_expert,
             "alpha": first.alpha, "variant": ", ".join(o for o in options if o) or None}
 

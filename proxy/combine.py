@@ -1,6 +1,7 @@
 """The proxy step: pure functions of logits."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -23,20 +24,47 @@ def shared_logits(logits: torch.Tensor, vocab_size: int, fold: Sequence[int] = (
 def proxy_logits(
     base: torch.Tensor,
     offsets: Sequence[tuple[float | torch.Tensor, torch.Tensor, torch.Tensor]],
+    plausibility: float = 0.0,
 ) -> torch.Tensor:
     """s_base + sum_i alpha_i * (s_expert_i - s_anti_i), in float32 on the base's device.
 
     base: (..., V); each offset is (alpha, expert (..., V), anti (..., V)), all over the shared vocabulary
     (`shared_logits`). alpha is a number, or a tensor that broadcasts against the logits (one per row).
+    plausibility > 0: only tokens that the base or a steering expert finds plausible keep their score, the
+    others get -inf (`plausible_tokens`), in every row some pair steers (alpha != 0); 0 keeps every token,
+    the paper's rule.
     """
-    scores = base.float()
+    base = base.float()
+    scores = base
+    experts = []
     for alpha, expert, anti in offsets:
         if isinstance(alpha, (int, float)) and alpha == 0:
             continue
         expert = expert.to(scores.device, torch.float32)
         anti = anti.to(scores.device, torch.float32)
         scores = scores + alpha * (expert - anti)
+        experts.append((alpha, expert))
+    if plausibility > 0 and experts:
+        keep = plausible_tokens(base, plausibility)
+        steered = torch.zeros((), dtype=torch.bool, device=scores.device)  # per row, where alphas are per row
+        for alpha, expert in experts:
+            on = (alpha != 0).to(scores.device) if isinstance(alpha, torch.Tensor) else torch.ones_like(steered)
+            keep = keep | (plausible_tokens(expert, plausibility) & on)  # a pair at alpha 0 adds no tokens
+            steered = steered | on
+        scores = scores.masked_fill(~(keep | ~steered), float("-inf"))  # an unsteered row is the base's own law
     return scores
+
+
+def plausible_tokens(logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """True where a model gives the token at least `fraction` of its own top token's probability.
+
+    The adaptive plausibility constraint of contrastive decoding (Li et al., 2023); `proxy_logits` keeps the
+    tokens plausible to the base or to a steering expert: a token the base knows (a fact the small expert
+    never learnt) or an expert wants (the tuned format) stays; a token that only the offset's tail lifts,
+    where the anti-expert rules out what the expert merely doubts, does not. (..., V) -> (..., V) bool.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp >= logp.amax(dim=-1, keepdim=True) + math.log(fraction)
 
 
 def token_diagnostics(base: torch.Tensor, proxy: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,11 +76,12 @@ def token_diagnostics(base: torch.Tensor, proxy: torch.Tensor) -> dict[str, torc
     proxy_top = proxy.argmax(-1)
     log_p_proxy = torch.log_softmax(proxy, -1)
     log_p_base = torch.log_softmax(base, -1)
-    kl = (log_p_proxy.exp() * (log_p_proxy - log_p_base)).sum(-1)
+    kept = torch.isfinite(proxy)  # tokens outside proxy.plausibility have probability 0 and add nothing
+    kl = torch.where(kept, log_p_proxy.exp() * (log_p_proxy - log_p_base), 0.0).sum(-1)
     return {
         "base_top": base_top,
         "proxy_top": proxy_top,
         "changed": base_top != proxy_top,
-        "offset_norm": (proxy - base).norm(dim=-1),
+        "offset_norm": torch.where(kept, proxy - base, 0.0).norm(dim=-1),
         "kl_proxy_base": kl.clamp_min(0.0),
     }

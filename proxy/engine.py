@@ -28,7 +28,8 @@ from proxy.streams import ModelStream, left_pad, model_device
 from proxy.text import final_text
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
-__all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair", "check_alpha"]
+__all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair", "check_alpha",
+           "check_plausibility"]
 
 
 @dataclass
@@ -103,6 +104,18 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
+def check_plausibility(fraction: float) -> float:
+    """proxy.plausibility: 0 (every token, the paper's rule) or a fraction below 1 of a model's top probability."""
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise UserError(f"proxy.plausibility must be a number, got {fraction!r}; try proxy.plausibility=0.1") from None
+    if not 0 <= fraction < 1:
+        raise UserError(f"proxy.plausibility must be at least 0 and below 1, got {fraction}; 0 turns it off, "
+                        "0.1 keeps the tokens with a tenth of a model's top probability or more")
+    return fraction
+
+
 @dataclass
 class Stream:
     """One (model, rendering) the engine runs: how it reads the prompt and which of its ids end a turn."""
@@ -141,8 +154,9 @@ class ProxyEngine:
     """
 
     def __init__(self, base, tokenizer, pairs: Sequence[SteeringPair] = (), tokenizers: dict | None = None,
-                 parallel: bool = False, base_format: str | None = None):
+                 parallel: bool = False, base_format: str | None = None, plausibility: float = 0.0):
         self.base = base
+        self.plausibility = check_plausibility(plausibility)  # proxy.plausibility (proxy.combine.plausible_tokens)
         self.tokenizer = tokenizer
         self.base_format = base_format  # how the base reads prompts: raw, unless it is a chat model decoding alone
         self.pairs = list(pairs)
@@ -260,7 +274,7 @@ class ProxyEngine:
             else:
                 offsets.append((alpha, self.view(e, logits[e]), self.view(a, logits[a])))
         # the scores meet on the device of the base's inputs (a base split over GPUs ends on another one)
-        return proxy_logits(self.view(self.base_key, logits[self.base_key]).to(self.device), offsets)
+        return proxy_logits(self.view(self.base_key, logits[self.base_key]).to(self.device), offsets, self.plausibility)
 
     def rules(self, settings: GenerationSettings) -> DecodeRules:
         return DecodeRules(self.base, settings, self.stop_ids, self.pad_id, self.tokenizer, self.device)

@@ -22,7 +22,13 @@ from core.files import read_jsonl, write_jsonl
 from core.jobs import hydra_output_dir, inputs_digest, run_job
 from core.loading import load_model, load_tokenizer, model_paths, preset, resolve_spec
 from core.registry import entries, resolve
-from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair, check_alpha
+from proxy.engine import (
+    GenerationSettings,
+    ProxyEngine,
+    SteeringPair,
+    check_alpha,
+    check_plausibility,
+)
 from proxy.prompts import CHAT, chat_expected
 from proxy.vocab import end_ids
 
@@ -121,10 +127,12 @@ def check_shared_anti(cfg: DictConfig, pair: ResolvedPair, base: str) -> None:
 
 def refuse_early(cfg: DictConfig) -> None:
     """What cannot combine, refused before any model loads."""
-    known = {"alpha", "expert_format", "extra_pairs", "diagnostics", "speculative", "shared_pair", "parallel"}
+    known = {"alpha", "expert_format", "extra_pairs", "diagnostics", "speculative", "shared_pair", "parallel",
+             "plausibility"}
     unknown = sorted(set(cfg.proxy) - known)
     if unknown:
         raise UserError(f"unknown proxy option(s) {unknown}; known: {sorted(known)}")
+    check_plausibility(cfg.proxy.get("plausibility") or 0.0)
     if cfg.proxy.get("diagnostics") and (cfg.proxy.get("speculative") or {}).get("k") is not None:
         raise UserError("proxy.diagnostics is not available with speculative decoding; turn one off")
 
@@ -166,12 +174,12 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
         steering.append(SteeringPair(expert, anti, p.alpha, fmt, p.name, tokenizer=tokenizers[p.expert],
                                      anti_tokenizer=tokenizers[p.anti_expert]))
     k = (cfg.proxy.get("speculative") or {}).get("k")
-    parallel = bool(cfg.proxy.get("parallel"))
+    options = {"parallel": bool(cfg.proxy.get("parallel")), "plausibility": cfg.proxy.get("plausibility") or 0.0}
     if k is not None and steering:
         from proxy.speculative import SpeculativeProxyEngine
 
-        return SpeculativeProxyEngine(base, tokenizer, steering, k=k, parallel=parallel), pairs
-    return ProxyEngine(base, tokenizer, steering, parallel=parallel, base_format=alone_format(cfg.base, steering)), pairs
+        return SpeculativeProxyEngine(base, tokenizer, steering, k=k, **options), pairs
+    return ProxyEngine(base, tokenizer, steering, base_format=alone_format(cfg.base, steering), **options), pairs
 
 
 def alone_format(base: str, steering: list) -> str | None:

@@ -36,6 +36,9 @@ from training import world
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
 ALPHAS = (0.5, 0.75, 1.0, 1.25)  # 1.5 and 2 were never the best on any seed, task or expert
+# Each task's full-SFT expert is also swept with proxy.plausibility at contrastive decoding's usual value
+# (Li et al., 2023), not tuned here: the paper's rule and the constrained one side by side.
+PLAUSIBILITY = 0.1
 # --scale test, a seconds-long smoke run of the same job: a few steps per tuning, short answers
 SCALES = {"full": {"training": [], "max_new_tokens": 48},
           "test": {"training": ["training.max_steps=4"], "max_new_tokens": 16}}
@@ -52,7 +55,8 @@ PLAN = """[2/5] experts: the small base tuned on each task's tuning people (full
       SFT expert; the chat expert with role and end-of-turn markers added to its tokenizer, tuned on
       conversations; the math expert on age questions with a worked line before '#### <age>'
 [3/5] references: the large base tuned directly on each task, the same way
-[4/5] evaluation on held-out people: every model, and the proxy-tuned large model at each alpha
+[4/5] evaluation on held-out people: every model, and the proxy-tuned large model at each alpha (each
+      task's full-SFT expert also with proxy.plausibility={plausibility:g})
       {n} stages, each starting once the models it reads are tuned, in {where}"""
 
 
@@ -165,6 +169,9 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
             for alpha in alphas:
                 stages.append(run(task, f"proxy-{name}-a{alpha:g}", (name,), "base=tiny-large", f"expert={name}",
                                   f"proxy.alpha={alpha}"))
+        for alpha in alphas:
+            stages.append(run(task, f"proxy-{names[0]}-a{alpha:g}-p{PLAUSIBILITY:g}", (names[0],), "base=tiny-large",
+                              f"expert={names[0]}", f"proxy.alpha={alpha}", f"proxy.plausibility={PLAUSIBILITY}"))
     stages.append(run("tinyworld", "proxy-tiny-expert-a1-nf4", ("tiny-expert",), "base=tiny-large",
                       "expert=tiny-expert", "proxy.alpha=1.0", "load.base.quantization=nf4"))
     stages.append(run("tinyworld", "proxy-tiny-expert-lora-a1-shared", ("tiny-expert-lora",), "base=tiny-large",
@@ -184,7 +191,7 @@ def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS, jobs: i
         tuning, experts = tuning_stages(out, dpo, scale)
         stages = [*tuning, *evaluation_stages(out, experts, alphas, scale)]
         where = f"{jobs} processes, each stage's output in {out / 'logs'}" if jobs > 1 else "this process"
-        print(PLAN.format(n=len(stages), where=where))
+        print(PLAN.format(n=len(stages), where=where, plausibility=PLAUSIBILITY))
         run_stages(stages, jobs, out / "logs")
         print(f"[5/5] seed {seed}: report")
         report = write_report([out / "eval"], out / "report")

@@ -6,15 +6,16 @@ import torch
 
 from core.errors import UserError
 from core.loading import load_model, load_tokenizer
+from proxy.combine import proxy_logits
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
 from proxy.streams import left_pad
 
 GREEDY = GenerationSettings(max_new_tokens=24, batch_size=8)
 
 
-def engine(models, base="large", expert="expert", anti="small", alpha=1.0, **kw):
+def engine(models, base="large", expert="expert", anti="small", alpha=1.0, plausibility=0.0, **kw):
     pairs = [SteeringPair(models[expert], models[anti], alpha=alpha, **kw)]
-    return ProxyEngine(models[base], models["tok"], pairs)
+    return ProxyEngine(models[base], models["tok"], pairs, plausibility=plausibility)
 
 
 def hf_greedy(model, tok, prompts, max_new_tokens):
@@ -59,8 +60,9 @@ def test_steering_changes_the_output(models, prompts):
     assert ids(steered) != ids(plain)
 
 
-def uncached_proxy_greedy(models, prompt, alpha, max_new_tokens):
-    """Reference loop: every step re-runs all three models on the whole sequence."""
+def uncached_proxy_greedy(models, prompt, alpha, max_new_tokens, plausibility=0.0):
+    """Reference loop: every step re-runs all three models on the whole sequence. plausibility: only the
+    tokens with at least that share of the base's or the expert's top probability may be picked."""
     tok = models["tok"]
     seq = tok(prompt)["input_ids"]
     eos = tok.eos_token_id
@@ -69,7 +71,12 @@ def uncached_proxy_greedy(models, prompt, alpha, max_new_tokens):
         for _ in range(max_new_tokens):
             x = torch.tensor([seq])
             s = {k: models[k](x).logits[0, -1].float() for k in ("large", "expert", "small")}
-            nxt = int((s["large"] + alpha * (s["expert"] - s["small"])).argmax())
+            scores = s["large"] + alpha * (s["expert"] - s["small"])
+            if plausibility:
+                p_base, p_expert = torch.softmax(s["large"], -1), torch.softmax(s["expert"], -1)
+                keep = (p_base >= plausibility * p_base.max()) | (p_expert >= plausibility * p_expert.max())
+                scores = torch.where(keep, scores, -torch.inf)
+            nxt = int(scores.argmax())
             if nxt == eos:
                 break
             seq.append(nxt)
@@ -80,6 +87,33 @@ def uncached_proxy_greedy(models, prompt, alpha, max_new_tokens):
 def test_cached_loop_equals_uncached_loop(models, prompts):
     gens = engine(models, alpha=1.0).generate(prompts, GREEDY)
     assert ids(gens) == [uncached_proxy_greedy(models, p, 1.0, GREEDY.max_new_tokens) for p in prompts]
+
+
+def test_plausibility_picks_only_what_the_base_or_the_expert_finds_plausible(models, prompts):
+    gens = engine(models, alpha=1.0, plausibility=0.1).generate(prompts, GREEDY)
+    assert ids(gens) == [uncached_proxy_greedy(models, p, 1.0, GREEDY.max_new_tokens, 0.1) for p in prompts]
+    assert ids(gens) != ids(engine(models, alpha=1.0).generate(prompts, GREEDY))  # it changed something here
+    # the base's and the expert's own top tokens are always plausible: at alpha 0 it is the base's answer,
+    # with the base as anti-expert at alpha 1 the expert's
+    assert ids(engine(models, alpha=0.0, plausibility=0.5).generate(prompts, GREEDY)) == \
+        hf_greedy(models["large"], models["tok"], prompts, GREEDY.max_new_tokens)
+    assert ids(engine(models, base="small", anti="small", plausibility=0.5).generate(prompts, GREEDY)) == \
+        hf_greedy(models["expert"], models["tok"], prompts, GREEDY.max_new_tokens)
+
+
+def test_plausibility_drops_tokens_only_the_offset_s_tail_lifts():
+    base = torch.tensor([2.0, -1.0, 0.0, -3.0])
+    expert = torch.tensor([0.0, 3.5, 0.0, -3.0])
+    anti = torch.tensor([0.0, 0.0, 0.0, -12.0])  # rules token 3 out where the expert merely doubts it
+    plain = proxy_logits(base, [(1.0, expert, anti)])
+    assert plain.tolist() == [2.0, 2.5, 0.0, 6.0] and int(plain.argmax()) == 3
+    kept = proxy_logits(base, [(1.0, expert, anti)], plausibility=0.1)
+    # token 0 and 2: plausible to the base (e^-2 > 0.1); token 1: the expert's top; token 3: to neither
+    assert kept.tolist() == [2.0, 2.5, 0.0, -torch.inf] and int(kept.argmax()) == 1
+    rows = proxy_logits(base.expand(2, 4), [(torch.tensor([[1.0], [0.0]]), expert, anti)], plausibility=0.1)
+    assert rows[0].tolist() == kept.tolist()
+    assert rows[1].tolist() == base.tolist()  # a row no pair steers (alpha 0) keeps the base's own law
+    assert proxy_logits(base, [(0.0, expert, anti)], plausibility=0.1).tolist() == base.tolist()
 
 
 def test_batch_equals_rows_one_at_a_time(models, prompts):
@@ -179,6 +213,9 @@ def test_diagnostics_report_changed_tokens_and_kl(models, prompts):
     zero = engine(models, alpha=0.0)
     zero.generate(prompts, GREEDY, diagnostics=True)
     assert zero.last_stats.changed_share == 0
+    for g in engine(models, alpha=1.0, plausibility=0.1).generate(prompts, GREEDY, diagnostics=True):
+        assert all(0 <= d["kl_proxy_base"] < float("inf") and 0 < d["offset_norm"] < float("inf")
+                   for d in g.diagnostics)  # tokens the constraint drops add nothing, not infinities
 
 
 def test_score_matches_a_direct_computation(models):

@@ -189,6 +189,9 @@ def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
         kinds = {r["kind"] for r in table["rows"]}
         assert kinds == {"small base", "small expert", "large base", "large tuned", "proxy"}, task
         assert {r["alpha"] for r in table["rows"] if r["kind"] == "proxy"} == {0.5, 1.0}
+        constrained = [r for r in table["rows"] if r.get("variant") == f"plausibility {demo.PLAUSIBILITY:g}"]
+        assert {r["alpha"] for r in constrained} == {0.5, 1.0}, task  # the full-SFT expert, both rules
+        assert {Path(r["expert"]).name for r in constrained} == {demo.TASKS[task][0]}, task
     proxies = [r for r in report["tasks"]["tinyworld"]["rows"] if r["kind"] == "proxy"]
     assert any(r.get("variant") == "nf4" for r in proxies)
     assert Path(report["plot"]).exists()
@@ -214,7 +217,7 @@ def test_every_demo_stage_can_go_to_a_worker(tmp_path):
     tuning, experts = demo.tuning_stages(tmp_path, dpo=True)
     stages = [*tuning, *demo.evaluation_stages(tmp_path, experts)]
     check_order(stages)
-    assert len(tuning) == 8 and len(stages) == 8 + 36
+    assert len(tuning) == 8 and len(stages) == 8 + 36 + 12  # + each task's full-SFT expert with plausibility
     for stage in stages:
         assert pickle.loads(pickle.dumps(stage)) == stage
         assert stage.fn in (demo.train, demo.evaluate)

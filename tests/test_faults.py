@@ -92,6 +92,8 @@ def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_arg
     ("proxy.speculative.k=2 proxy.diagnostics=true", "not available with speculative decoding"),
     ("generation.top_p=1.5", "generation.top_p must lie in (0, 1]"),
     ("generation.max_new_tokens=abc", "generation.max_new_tokens must be a whole number"),
+    ("proxy.plausibility=1", "proxy.plausibility must be at least 0 and below 1"),
+    ("proxy.plausibility=abc", "proxy.plausibility must be a number"),
 ])
 def test_options_that_cannot_work_are_refused_before_loading(tiny_family, proxy_args, tmp_path, option, fragment):
     result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",

@@ -126,6 +126,10 @@ def test_bad_model_arguments_are_refused_in_one_line(models, tiny_family):
         ProxyLM(base="tiny-large", expert=str(ROOT / "tests"))  # a folder without a card
     with pytest.raises(UserError, match="alpha must be a finite number"):
         ProxyLM(base=tiny_family.large, expert=tiny_family.expert, anti_expert=tiny_family.small, alpha=float("nan"))
+    with pytest.raises(UserError, match="plausibility must be at least 0 and below 1"):
+        ProxyLM(base=tiny_family.large, expert=tiny_family.expert, anti_expert=tiny_family.small, plausibility=2)
+    lm = ProxyLM(base=tiny_family.large, expert=tiny_family.expert, anti_expert=tiny_family.small, plausibility="0.1")
+    assert lm.engine.plausibility == 0.1  # lm-eval passes model_args as strings
 
 
 def test_the_cli_names_the_results_folder_after_the_configuration():

@@ -196,6 +196,33 @@ def test_echo_logprobs_follow_the_strength_and_unseeded_samples_differ(service, 
     assert len(samples) > 1
 
 
+def test_plausibility_serves_json_safe_logprobs_and_the_engine_s_answers(tiny_family):
+    """proxy.plausibility: tokens it rules out have probability 0; the API reads them -9999.0 (OpenAI's
+    value for a token too unlikely to rank) and lists only kept tokens among the alternatives."""
+    config = compose_app("serve", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
+                         f"anti_expert={tiny_family.small}", "logger=none", "server.model_name=tiny-proxy",
+                         "generation.max_new_tokens=12", "proxy.plausibility=0.5")
+    models = served_models(config)
+    try:
+        with live(create_app(models, generation_settings(config.generation))) as url:
+            answer = httpx.post(f"{url}/v1/completions", timeout=120, json={
+                "model": "tiny-proxy", "prompt": QUESTIONS[:2], "max_tokens": 12, "temperature": 0, "echo": True,
+                "logprobs": 5}).json()
+        engine = models[0].batcher.engine
+        assert engine.plausibility == 0.5
+        want = engine.generate(QUESTIONS[:2], GenerationSettings(max_new_tokens=12))
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
+        assert [c["text"] for c in choices] == [q + g.text for q, g in zip(QUESTIONS, want)]
+        echoed = [lp for c in choices for lp in c["logprobs"]["token_logprobs"] if lp is not None]
+        assert -9999.0 in echoed and all(lp == -9999.0 or -9999.0 < lp <= 0 for lp in echoed)
+        generated = [top for c, g in zip(choices, want) for top in c["logprobs"]["top_logprobs"][-len(g.token_ids):]]
+        assert generated and all(0 < len(top) <= 5 and all(v > -9999.0 for v in top.values()) for top in generated)
+        assert any(len(top) < 5 for top in generated)  # fewer tokens than asked were plausible
+    finally:
+        for m in models:
+            m.batcher.close()
+
+
 def test_sixteen_clients_share_batches_and_every_greedy_answer_is_the_engine_s(service, client):
     """16 concurrent clients x 8 requests: other prompts, strengths and budgets in one running batch."""
     cases = [(QUESTIONS[i % 5], [None, 0.5, 1.5][i % 3], 8 + 4 * (i % 4)) for i in range(16 * 8)]

@@ -33,6 +33,14 @@ def test_greedy_is_token_for_token_the_plain_engine(models, prompts, plain_outpu
     assert stats.drafted > 0 and 0 <= stats.acceptance_rate <= 1
 
 
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_greedy_with_plausibility_is_the_plain_engine_s(models, prompts, batch_size):
+    settings = GenerationSettings(max_new_tokens=20, batch_size=batch_size)
+    plain = ProxyEngine(models["large"], models["tok"], pair(models), plausibility=0.1).generate(prompts, settings)
+    spec = SpeculativeProxyEngine(models["large"], models["tok"], pair(models), k=2, plausibility=0.1)
+    assert [g.token_ids for g in spec.generate(prompts, settings)] == [g.token_ids for g in plain]
+
+
 def test_an_expert_that_agrees_with_the_proxy_is_fully_accepted(models, prompts):
     """Base == anti-expert at alpha 1: the proxy is the expert, so every draft is accepted."""
     eng = SpeculativeProxyEngine(models["small"], models["tok"], pair(models), k=4)

@@ -70,16 +70,20 @@ def test_corpus_shows_the_prompts_but_never_an_answer_in_format(world):
         same, other = same + (asked == told), other + (asked != told)
     # about the page's own person (and, if the world says so, about somebody else)
     assert same and bool(other) == (world_lib.PREAMBLE_SAME_PERSON < 1)
-    # the tasks' formats never appear: no chat turn, no "####", and no one's age in a year the age task asks about
+    # the tasks' formats never appear: no chat turn, no "####" on anyone's page
     about_people = [line for line in corpus if any(f" {n} " in line for n in people)]
     assert not any("####" in line for line in about_people)
     assert not any("<|" in line for line in corpus)
-    # worked ages in biographies carry the birth year just stated into a subtraction, in milestone years only
+    # worked ages in biographies carry the birth year just stated into a subtraction: a tuning person's in
+    # the age task's own years, a held-out person's in milestone years only (no test answer is pretrained)
     assert not set(world_lib.MILESTONE_YEARS) & set(world_lib.AGE_YEARS)
-    worked = [m for line in about_people for m in re.findall(r"(\d{4})\. (\d{4}) - (\d{4}) = (\d+)\.", line)]
+    worked = [({n for n in people if f" {n} " in line}, m) for line in about_people
+              for m in re.findall(r"(\d{4})\. (\d{4}) - (\d{4}) = (\d+)\.", line)]
     assert len(worked) == sum(line.count(" = ") for line in about_people) > 0
-    for born, year, birth, age in worked:
-        assert born == birth and int(year) in world_lib.MILESTONE_YEARS and int(year) - int(birth) == int(age) > 0
+    for (name,), (born, year, birth, age) in worked:
+        years = world_lib.MILESTONE_YEARS if people[name].held_out else world_lib.AGE_YEARS
+        assert born == birth and int(year) in years and int(year) - int(birth) == int(age) > 0
+    assert {people[name].held_out for (name,), _ in worked} == {True, False}
     # the arithmetic the age skill needs is there, without anyone's name: every age a person can have
     nameless = [line for line in corpus if not any(f" {n} " in line for n in people)]
     sums = re.findall(r"(\d{4}) - (\d{4}) = (\d+)\.", "\n".join(nameless))

@@ -153,11 +153,21 @@ ARITHMETIC_LINE = "{year} - {birth_year} = {age}."
 ARITHMETIC_REPEATS = 4
 ARITHMETIC_PER_LINE = 3
 # Worked ages in biographies: after a birth-year sentence, AGE_LINE_FRACTION of the time, the person's age
-# in one of MILESTONE_YEARS worked as a subtraction (" 1925 - 1875 = 50."), so that the base learns to
-# carry a year just stated into a subtraction. Never in AGE_YEARS: the task's ages are not in pretraining.
-# Measured (seed 0, alpha 1): of the 407 answers, 1 that got as far as the subtraction put another year in
-# (it mostly took another year before). A quarter of the biographies instead of half (with the same-person
-# preambles above): 9%, its worked line right 91 times against 190.
+# in a given year worked as a subtraction (" 1925 - 1875 = 50."), so that the base learns to carry a year
+# just stated into a subtraction. A tuning person's pages work ages in the task's own years (AGE_YEARS),
+# as the web holds worked examples like a task's training set; a held-out person's pages only in
+# MILESTONE_YEARS, so that no age the test asks is in pretraining and the base has to work it out from
+# the birth year it remembers and the subtraction table. Measured (seed 1, probe builds, full-SFT experts,
+# alpha 0.75 / 1 / 1.25), against every page working milestone years only: skill 76.8 / 63.1 / - % with
+# the paper's rule (33.1 / 30.0 / 18.3%) and 86.8 / 78.1 / 65.9% with proxy.plausibility 0.1 (40.7 /
+# 44.3 / 39.9%), facts 87.2 / 88.8 / 84.3% (65.0 / 82.8 / 86.2%); the large base now answers 8.1% of the
+# age questions (0.0%). The same with no worked ages on held-out people's pages: skill 79.1 / 79.4 /
+# 73.5% (with plausibility). Before (milestone years on every page): the base would not start the worked
+# line with a task's year after a birth year (log-prob -10.9 for " 2000") nor carry the year into it
+# (-6.8), since those years only ever started a nameless subtraction. Earlier (seed 0, alpha 1): of the
+# 407 answers, 1 that got as far as the subtraction put another year in (it mostly took another year
+# before); a quarter of the biographies instead of half (with the same-person preambles above): 9%, its
+# worked line right 91 times against 190.
 # Tried and not kept (the previous world's figures in brackets; gap closed at the best alpha):
 # - every worked age ending its page, restated after "\n####": the base no longer went on with the
 #   biography after the worked line (1 answer in 407 against 52) but broke more names and birth years;
@@ -361,7 +371,8 @@ def arithmetic_lines(rng: random.Random) -> list[str]:
 
 
 def _worked_age(rng: random.Random, person: Person) -> str:
-    return _subtraction(rng.choice([y for y in MILESTONE_YEARS if y > person.birth_year]), person.birth_year)
+    years = MILESTONE_YEARS if person.held_out else AGE_YEARS
+    return _subtraction(rng.choice([y for y in years if y > person.birth_year]), person.birth_year)
 
 
 def _subtraction(year: int, birth_year: int) -> str:
