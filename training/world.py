@@ -158,7 +158,7 @@ ARITHMETIC_PER_LINE = 3
 # as the web holds worked examples like a task's training set; a held-out person's pages only in
 # MILESTONE_YEARS, so that no age the test asks is in pretraining and the base has to work it out from
 # the birth year it remembers and the subtraction table. Measured (seed 1, probe builds, full-SFT experts,
-# alpha 0.75 / 1 / 1.25), against every page working milestone years only: skill 76.8 / 63.1 / - % with
+# alpha 0.75 / 1 / 1.25), against every page working milestone years only: skill 76.8 / 63.1 / 46.1% with
 # the paper's rule (33.1 / 30.0 / 18.3%) and 86.8 / 78.1 / 65.9% with proxy.plausibility 0.1 (40.7 /
 # 44.3 / 39.9%), facts 87.2 / 88.8 / 84.3% (65.0 / 82.8 / 86.2%); the large base now answers 8.1% of the
 # age questions (0.0%). The same with no worked ages on held-out people's pages: skill 79.1 / 79.4 /
