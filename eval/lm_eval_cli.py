@@ -26,7 +26,7 @@ def named(argv: list[str]) -> list[str]:
         if arg == "--model_args" and "model=" not in argv[i + 1]:
             args = dict(kv.split("=", 1) for kv in argv[i + 1].split(",") if "=" in kv)
             name = run_name(args.get("base", "tiny-large"), args.get("expert"), args.get("alpha", 1.0),
-                            args.get("base_quantization"))
+                            args.get("base_quantization"), args.get("plausibility"))
             argv[i + 1] = f"{argv[i + 1]},model={name}"
     return argv
 

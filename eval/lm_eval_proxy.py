@@ -66,7 +66,8 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if kwargs:
         raise UserError(
             f"unknown proxy model argument(s) {sorted(kwargs)}; known: base, expert, anti_expert, alpha, "
-            "expert_format, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, device_map, "
+            "expert_format, plausibility, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, "
+            "device_map, "
             f"<role>_<option> with option in {', '.join(LOAD_OPTIONS)}"
         )
     return load
@@ -82,15 +83,18 @@ def whole(name: str, value: Any) -> int:
     return number
 
 
-def run_name(base: str, expert: str | None, alpha: Any, quantization: str | None = None) -> str:
+def run_name(base: str, expert: str | None, alpha: Any, quantization: str | None = None,
+             plausibility: Any = None) -> str:
     """A readable name for one proxy configuration (lm-eval's results folder): base (and its quantization),
-    expert (its registered name when it has a card) and alpha."""
+    expert (its registered name when it has a card), alpha and proxy.plausibility where it is on."""
     try:
         strength = f"{float(alpha):g}"
     except (TypeError, ValueError):
         strength = str(alpha)
     quantized = f"-{quantization}" if quantization else ""
-    return f"proxy-{display_name(base)}{quantized}-{display_name(expert) if expert else 'alone'}-alpha{strength}"
+    constrained = f"-plausibility{plausibility}" if plausibility not in (None, "", "0", "0.0", 0) else ""
+    return (f"proxy-{display_name(base)}{quantized}-{display_name(expert) if expert else 'alone'}-alpha{strength}"
+            f"{constrained}")
 
 
 @register_model("proxy")

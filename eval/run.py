@@ -20,6 +20,7 @@ from core.files import atomic_write_json, write_jsonl
 from core.jobs import hydra_output_dir, run_job
 from core.registry import update_scores
 from eval import metrics as M
+from proxy.engine import check_plausibility
 from proxy.run import build_engine, generation_settings, resolve_pairs, run_inputs
 from training.tasks import get_field, load_records, load_task, task_files, to_example
 
@@ -40,7 +41,7 @@ def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
     k = (cfg.proxy.get("speculative") or {}).get("k")
     options = [str(cfg.load.base.get("quantization") or ""), "shared pair" if cfg.proxy.get("shared_pair") else "",
                f"speculative k={k}" if k is not None else "",
-               f"plausibility {cfg.proxy.plausibility:g}" if cfg.proxy.get("plausibility") else ""]
+               f"plausibility {check_plausibility(cfg.proxy.plausibility):g}" if cfg.proxy.get("plausibility") else ""]
     return {"role": "proxy", "model": str(cfg.base), "expert": first.name, "anti_expert": first.anti_expert,
             "alpha": first.alpha, "variant": ", ".join(o for o in options if o) or None}
 

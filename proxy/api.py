@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import secrets
 import time
 import uuid
@@ -359,17 +358,11 @@ async def echo_logprobs(model: Served, prompts, alpha: float | None) -> list[dic
             if len(ids) > 1:
                 s = engine.score_tokens([(text, ids[:1], ids[1:])], alpha=alpha)[0]
                 top = [{generated_text(engine.tokenizer, [i]): lp} for i, lp in zip(s["top_ids"], s["top_logprobs"])]
-                echoed.update(token_logprobs=[None] + [json_logprob(lp) for lp in s["token_logprobs"]], top=[None] + top)
+                echoed.update(token_logprobs=[None] + s["token_logprobs"], top=[None] + top)
             out.append(echoed)
         return out
 
     return await asyncio.wrap_future(model.batcher.run(score))
-
-
-def json_logprob(logprob: float) -> float:
-    """A log-probability JSON can carry: a token proxy.plausibility rules out (-inf) reads -9999.0, as in
-    OpenAI's API for a token far too unlikely to rank."""
-    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def completion_logprobs(tokens: list[dict], echoed: dict | None, offset: int = 0) -> dict:

@@ -83,7 +83,7 @@ class LiveRow:
             event["logprob"] = float(logprobs[token])
             event["token"] = generated_text(self.engine.tokenizer, [token])
             event["top_logprobs"] = [(generated_text(self.engine.tokenizer, [int(i)]), float(v))
-                                     for v, i in zip(top.values, top.indices) if torch.isfinite(v)]  # kept by proxy.plausibility
+                                     for v, i in zip(top.values, top.indices)]
         if self.request.diagnostics and base is not None:
             diag = token_diagnostics(base[None].float(), proxy[None])
             event["diagnostics"] = {"changed": bool(diag["changed"][0]), "kl": round(float(diag["kl_proxy_base"][0]), 5),

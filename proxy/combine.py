@@ -31,8 +31,8 @@ def proxy_logits(
     base: (..., V); each offset is (alpha, expert (..., V), anti (..., V)), all over the shared vocabulary
     (`shared_logits`). alpha is a number, or a tensor that broadcasts against the logits (one per row).
     plausibility > 0: only tokens that the base or a steering expert finds plausible keep their score, the
-    others get -inf (`plausible_tokens`), in every row some pair steers (alpha != 0); 0 keeps every token,
-    the paper's rule.
+    others drop by RULED_OUT (`plausible_tokens`), in every row some pair steers (alpha != 0); 0 keeps
+    every token, the paper's rule.
     """
     base = base.float()
     scores = base
@@ -51,8 +51,15 @@ def proxy_logits(
             on = (alpha != 0).to(scores.device) if isinstance(alpha, torch.Tensor) else torch.ones_like(steered)
             keep = keep | (plausible_tokens(expert, plausibility) & on)  # a pair at alpha 0 adds no tokens
             steered = steered | on
-        scores = scores.masked_fill(~(keep | ~steered), float("-inf"))  # an unsteered row is the base's own law
+        scores = torch.where(keep | ~steered, scores, scores - RULED_OUT)  # an unsteered row is the base's own law
     return scores
+
+
+# What a token outside the plausible set loses: its probability underflows to 0 (exp(-1e4) in float32) while
+# the proxy's order among such tokens stays, so that where a decoding rule removes every plausible token
+# (min_new_tokens after a text both models are sure has ended, suppress_tokens) the proxy's next best is
+# taken, and every score stays finite.
+RULED_OUT = 1e4
 
 
 def plausible_tokens(logits: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -76,12 +83,11 @@ def token_diagnostics(base: torch.Tensor, proxy: torch.Tensor) -> dict[str, torc
     proxy_top = proxy.argmax(-1)
     log_p_proxy = torch.log_softmax(proxy, -1)
     log_p_base = torch.log_softmax(base, -1)
-    kept = torch.isfinite(proxy)  # tokens outside proxy.plausibility have probability 0 and add nothing
-    kl = torch.where(kept, log_p_proxy.exp() * (log_p_proxy - log_p_base), 0.0).sum(-1)
+    kl = (log_p_proxy.exp() * (log_p_proxy - log_p_base)).sum(-1)
     return {
         "base_top": base_top,
         "proxy_top": proxy_top,
         "changed": base_top != proxy_top,
-        "offset_norm": torch.where(kept, proxy - base, 0.0).norm(dim=-1),
+        "offset_norm": (proxy - base).clamp_min(-RULED_OUT / 2).norm(dim=-1),  # the steering, not RULED_OUT
         "kl_proxy_base": kl.clamp_min(0.0),
     }

@@ -106,6 +106,8 @@ def check_alpha(alpha: float) -> float:
 
 def check_plausibility(fraction: float) -> float:
     """proxy.plausibility: 0 (every token, the paper's rule) or a fraction below 1 of a model's top probability."""
+    if isinstance(fraction, bool):
+        raise UserError(f"proxy.plausibility must be a number, got {str(fraction).lower()}; try proxy.plausibility=0.1")
     try:
         fraction = float(fraction)
     except (TypeError, ValueError):
@@ -263,8 +265,9 @@ class ProxyEngine:
         fold = [i for i in stream.ends if self.vocab_size <= i < logits.shape[-1]]
         return shared_logits(logits, self.vocab_size, fold, self.end_id)
 
-    def combine(self, logits: dict, alphas: Sequence | None = None) -> torch.Tensor:
-        """The proxy scores over the shared vocabulary from every stream's logits (key -> (..., V))."""
+    def combine(self, logits: dict, alphas: Sequence | None = None, constrained: bool = True) -> torch.Tensor:
+        """The proxy scores over the shared vocabulary from every stream's logits (key -> (..., V)); with
+        `constrained`, under proxy.plausibility (decoding), else the paper's law (scoring a given text)."""
         offsets = []
         for i, (p, (e, a)) in enumerate(zip(self.pairs, self.pair_keys)):
             alpha = p.alpha if alphas is None else alphas[i]
@@ -274,7 +277,8 @@ class ProxyEngine:
             else:
                 offsets.append((alpha, self.view(e, logits[e]), self.view(a, logits[a])))
         # the scores meet on the device of the base's inputs (a base split over GPUs ends on another one)
-        return proxy_logits(self.view(self.base_key, logits[self.base_key]).to(self.device), offsets, self.plausibility)
+        return proxy_logits(self.view(self.base_key, logits[self.base_key]).to(self.device), offsets,
+                            self.plausibility if constrained else 0.0)
 
     def rules(self, settings: GenerationSettings) -> DecodeRules:
         return DecodeRules(self.base, settings, self.stop_ids, self.pad_id, self.tokenizer, self.device)
@@ -413,7 +417,8 @@ class ProxyEngine:
             ids, mask = left_pad(rows, stream.pad_id)
             # right-aligned rows: position -(n+1) predicts the continuation's first token in every stream
             logits[key] = ModelStream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
-        logprobs = torch.log_softmax(self.combine(logits, alphas), dim=-1)  # (B, span, V)
+        # the paper's law: proxy.plausibility shapes what decoding picks, not the likelihood of a given text
+        logprobs = torch.log_softmax(self.combine(logits, alphas, constrained=False), dim=-1)  # (B, span, V)
         results = []
         for row, cont in enumerate(conts):
             n = len(cont)

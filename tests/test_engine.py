@@ -6,7 +6,7 @@ import torch
 
 from core.errors import UserError
 from core.loading import load_model, load_tokenizer
-from proxy.combine import proxy_logits
+from proxy.combine import RULED_OUT, proxy_logits
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
 from proxy.streams import left_pad
 
@@ -109,7 +109,12 @@ def test_plausibility_drops_tokens_only_the_offset_s_tail_lifts():
     assert plain.tolist() == [2.0, 2.5, 0.0, 6.0] and int(plain.argmax()) == 3
     kept = proxy_logits(base, [(1.0, expert, anti)], plausibility=0.1)
     # token 0 and 2: plausible to the base (e^-2 > 0.1); token 1: the expert's top; token 3: to neither
-    assert kept.tolist() == [2.0, 2.5, 0.0, -torch.inf] and int(kept.argmax()) == 1
+    assert kept.tolist() == [2.0, 2.5, 0.0, 6.0 - RULED_OUT] and int(kept.argmax()) == 1
+    assert torch.softmax(kept, -1)[3] == 0  # probability 0, the score finite
+    # a decoding rule that removes every plausible token (min_new_tokens, suppress_tokens) leaves the
+    # proxy's own order among the rest: its next best, and a distribution to sample from
+    forced = kept.masked_fill(torch.tensor([True, True, True, False]), -torch.inf)
+    assert int(forced.argmax()) == 3 and torch.softmax(forced, -1).tolist() == [0.0, 0.0, 0.0, 1.0]
     rows = proxy_logits(base.expand(2, 4), [(torch.tensor([[1.0], [0.0]]), expert, anti)], plausibility=0.1)
     assert rows[0].tolist() == kept.tolist()
     assert rows[1].tolist() == base.tolist()  # a row no pair steers (alpha 0) keeps the base's own law
@@ -218,8 +223,11 @@ def test_diagnostics_report_changed_tokens_and_kl(models, prompts):
                    for d in g.diagnostics)  # tokens the constraint drops add nothing, not infinities
 
 
-def test_score_matches_a_direct_computation(models):
-    eng = engine(models, alpha=0.7)
+@pytest.mark.parametrize("plausibility", [0.0, 0.5])
+def test_score_matches_a_direct_computation(models, plausibility):
+    """The likelihood of a given text is the paper's proxy law, with or without proxy.plausibility (which
+    only shapes what decoding picks: under it most texts would score -inf)."""
+    eng = engine(models, alpha=0.7, plausibility=plausibility)
     tok = models["tok"]
     prompts = [" the quick", " Question: where was the person born?\nAnswer:"]
     conts = [" brown fox", " in a city"]

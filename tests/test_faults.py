@@ -94,6 +94,7 @@ def test_shared_pair_checks_the_adapter_and_its_tokenizer(tiny_family, proxy_arg
     ("generation.max_new_tokens=abc", "generation.max_new_tokens must be a whole number"),
     ("proxy.plausibility=1", "proxy.plausibility must be at least 0 and below 1"),
     ("proxy.plausibility=abc", "proxy.plausibility must be a number"),
+    ("proxy.plausibility=true", "proxy.plausibility must be a number, got true"),
 ])
 def test_options_that_cannot_work_are_refused_before_loading(tiny_family, proxy_args, tmp_path, option, fragment):
     result = proxy_cli(tmp_path, *proxy_args, f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",

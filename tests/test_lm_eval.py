@@ -135,6 +135,8 @@ def test_bad_model_arguments_are_refused_in_one_line(models, tiny_family):
 def test_the_cli_names_the_results_folder_after_the_configuration():
     argv = named(["--model", "proxy", "--model_args", "base=/x/large,expert=/y/tiny-expert,alpha=0.5", "--tasks", "t"])
     assert argv[3].endswith(",model=proxy-large-tiny-expert-alpha0.5")
+    argv = named(["--model", "proxy", "--model_args", "base=/x/large,expert=/y/tiny-expert,plausibility=0.1"])
+    assert argv[3].endswith(",model=proxy-large-tiny-expert-alpha1-plausibility0.1")  # a folder of its own
     assert named(["--model", "hf", "--model_args", "pretrained=x"]) == ["--model", "hf", "--model_args", "pretrained=x"]
 
 

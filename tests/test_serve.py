@@ -196,28 +196,32 @@ def test_echo_logprobs_follow_the_strength_and_unseeded_samples_differ(service, 
     assert len(samples) > 1
 
 
-def test_plausibility_serves_json_safe_logprobs_and_the_engine_s_answers(tiny_family):
-    """proxy.plausibility: tokens it rules out have probability 0; the API reads them -9999.0 (OpenAI's
-    value for a token too unlikely to rank) and lists only kept tokens among the alternatives."""
+def test_plausibility_serves_strict_json_and_the_engine_s_answers(tiny_family):
+    """proxy.plausibility: greedy answers are the engine's; generated tokens' alternatives put the plausible
+    tokens first and the ruled-out ones far below (probability 0, finite scores); the echoed prompt is
+    scored under the paper's law; nothing in the JSON is Infinity or NaN."""
+    from proxy.combine import RULED_OUT
+
     config = compose_app("serve", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
                          f"anti_expert={tiny_family.small}", "logger=none", "server.model_name=tiny-proxy",
                          "generation.max_new_tokens=12", "proxy.plausibility=0.5")
     models = served_models(config)
     try:
         with live(create_app(models, generation_settings(config.generation))) as url:
-            answer = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            raw = httpx.post(f"{url}/v1/completions", timeout=120, json={
                 "model": "tiny-proxy", "prompt": QUESTIONS[:2], "max_tokens": 12, "temperature": 0, "echo": True,
-                "logprobs": 5}).json()
+                "logprobs": 5}).text
+        answer = json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in the response"))
         engine = models[0].batcher.engine
         assert engine.plausibility == 0.5
         want = engine.generate(QUESTIONS[:2], GenerationSettings(max_new_tokens=12))
         choices = sorted(answer["choices"], key=lambda c: c["index"])
         assert [c["text"] for c in choices] == [q + g.text for q, g in zip(QUESTIONS, want)]
-        echoed = [lp for c in choices for lp in c["logprobs"]["token_logprobs"] if lp is not None]
-        assert -9999.0 in echoed and all(lp == -9999.0 or -9999.0 < lp <= 0 for lp in echoed)
+        echoed = [lp for c in choices for lp in c["logprobs"]["token_logprobs"][:-12] if lp is not None]
+        assert echoed and all(-RULED_OUT / 2 < lp <= 0 for lp in echoed)
         generated = [top for c, g in zip(choices, want) for top in c["logprobs"]["top_logprobs"][-len(g.token_ids):]]
-        assert generated and all(0 < len(top) <= 5 and all(v > -9999.0 for v in top.values()) for top in generated)
-        assert any(len(top) < 5 for top in generated)  # fewer tokens than asked were plausible
+        assert generated and all(len(top) <= 5 for top in generated)
+        assert any(v < -RULED_OUT / 2 for top in generated for v in top.values())  # fewer than 5 were plausible
     finally:
         for m in models:
             m.batcher.close()
