@@ -87,14 +87,19 @@ def run_name(base: str, expert: str | None, alpha: Any, quantization: str | None
              plausibility: Any = None) -> str:
     """A readable name for one proxy configuration (lm-eval's results folder): base (and its quantization),
     expert (its registered name when it has a card), alpha and proxy.plausibility where it is on."""
-    try:
-        strength = f"{float(alpha):g}"
-    except (TypeError, ValueError):
-        strength = str(alpha)
     quantized = f"-{quantization}" if quantization else ""
-    constrained = f"-plausibility{plausibility}" if plausibility not in (None, "", "0", "0.0", 0) else ""
-    return (f"proxy-{display_name(base)}{quantized}-{display_name(expert) if expert else 'alone'}-alpha{strength}"
-            f"{constrained}")
+    fraction = number_text(plausibility or 0)
+    constrained = f"-plausibility{fraction}" if fraction != "0" else ""
+    return (f"proxy-{display_name(base)}{quantized}-{display_name(expert) if expert else 'alone'}"
+            f"-alpha{number_text(alpha)}{constrained}")
+
+
+def number_text(value: Any) -> str:
+    """A number as %g ("0.50" -> "0.5"); anything else as given (the model refuses it, in one line)."""
+    try:
+        return f"{float(value):g}"
+    except (TypeError, ValueError):
+        return str(value)
 
 
 @register_model("proxy")
