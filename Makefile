@@ -27,11 +27,11 @@ $(STAMP): pyproject.toml
 
 # one world (`make demo SEED=1`: that seed's family, cached beside seed 0's)
 demo: setup
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo --seeds $(SEED)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m demo --seeds $(SEED)
 
 # the whole job on several worlds, every figure as mean ± sd over them
 demo-seeds: setup
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m scripts.demo --seeds $(SEEDS)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m demo --seeds $(SEEDS)
 
 test: setup
 	WANDB_MODE=offline $(PY) -m pytest -q -n 2 --dist worksteal

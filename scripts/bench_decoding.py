@@ -168,7 +168,7 @@ def load_family(args):
     family = Path(args.family)
     if not (family / "large").exists():
         raise UserError(f"no model family at {family}; build it with `make demo` "
-                        "or `python -m training.family --out .cache/tiny-family`, or name real models with --base")
+                        "or `python -m demo.family --out .cache/tiny-family`, or name real models with --base")
     tok = load_tokenizer(str(family / "large"))
     base = load_model(str(family / "large"))
     anti = load_model(str(family / "small"))

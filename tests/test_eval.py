@@ -169,10 +169,10 @@ def env(tmp_path, **extra):
 
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_at_test_scale(tmp_path, monkeypatch, capsys):
-    """`python -m scripts.demo --scale test --jobs 1` in this process: it ends with the report's path.
+    """`python -m demo --scale test --jobs 1` in this process: it ends with the report's path.
     (`make demo` runs the same stages two at a time in worker processes: test_stages.py runs the
     runner's workers, and test_every_demo_stage_can_go_to_a_worker the demo's stages.)"""
-    from scripts import demo
+    from demo import job as demo
 
     monkeypatch.setenv("PROXY_FAMILY_DIR", str(tmp_path / "family"))  # the presets and the task read it
     monkeypatch.setattr(demo, "FAMILY_DIR", tmp_path / "family")
@@ -211,8 +211,8 @@ def test_every_demo_stage_can_go_to_a_worker(tmp_path):
     plain arguments, and each needs only stages listed before it."""
     import pickle
 
-    from scripts import demo
-    from scripts.stages import check_order
+    from demo import job as demo
+    from demo.stages import check_order
 
     tuning, experts = demo.tuning_stages(tmp_path, dpo=True)
     stages = [*tuning, *demo.evaluation_stages(tmp_path, experts)]

@@ -1,11 +1,11 @@
-"""The demo's stage runner (scripts/stages.py): stages in worker processes, each after what it needs."""
+"""The demo's stage runner (demo/stages.py): stages in worker processes, each after what it needs."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from scripts.stages import Stage, StageFailed, run_stages
+from demo.stages import Stage, StageFailed, run_stages
 
 
 def write(folder: str, name: str, needs: tuple[str, ...] = ()) -> None:

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training import world as world_lib
-from training.family import build_family
+from demo import world as world_lib
+from demo.family import build_family
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_build_family_test_scale_builds_and_loads(test_family):
 
 @pytest.mark.slow
 def test_second_build_is_a_cache_hit(test_family, monkeypatch):
-    from training import family
+    from demo import family
 
     paths = test_family
     stamp = paths["family_json"].stat().st_mtime_ns
@@ -202,7 +202,7 @@ def test_second_build_is_a_cache_hit(test_family, monkeypatch):
 def test_any_change_to_the_world_s_text_changes_the_family_s_cache_key(monkeypatch):
     """The key holds a digest of the corpus and task files, not only the settings: a template edited in
     world.py, with no setting changed, is a cache miss."""
-    from training import family
+    from demo import family
 
     before = family.family_settings(0, "test")
     assert family.family_settings(0, "test") == before
@@ -214,7 +214,7 @@ def test_unpacked_pretraining_rows_are_single_documents():
     import torch
     from transformers import LlamaForCausalLM
 
-    from training import family
+    from demo import family
 
     world = world_lib.make_world(seed=0, n_people=10)
     corpus = world_lib.pretraining_corpus(world)[:8]

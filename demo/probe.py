@@ -1,7 +1,7 @@
 """Measures whether the embedded world gives proxy-tuning a real gap to close, with the project's own
 training (training.sft) and decoding (ProxyEngine), for trying world and tuning settings quickly.
 
-    python -m scripts.probe_world --out /tmp/probe --seed 0
+    python -m demo.probe --out /tmp/probe --seed 0
 
 Builds the family, fully fine-tunes the small and the large base on the train split, then on held-out
 people reports greedy exact match of: small base, small expert, large base, large directly tuned, and
@@ -19,12 +19,12 @@ import torch
 
 from core.files import read_jsonl
 from core.loading import load_model, load_tokenizer
+from demo import world as world_lib
+from demo.family import build_family
+from demo.job import config
 from eval.metrics import exact_match
 from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
-from scripts.demo import config
 from training import sft
-from training import world as world_lib
-from training.family import build_family
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
 GREEDY = GenerationSettings(max_new_tokens=16, do_sample=False, stop=["\n"], batch_size=100)
@@ -61,7 +61,7 @@ def cloze_recall(tok, model, world, split: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/probe_world")
+    parser.add_argument("--out", default="/tmp/probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="full")
     qa = world_lib.SFT_SETTINGS["tinyworld"]

@@ -1,6 +1,6 @@
 """The embedded model family: one tokenizer, a small and a large Llama pretrained on the world.
 
-    python -m training.family --out artifacts/family --seed 0 --scale full
+    python -m demo.family --out artifacts/family --seed 0 --scale full
 
 The large base (~2M parameters) memorises every person's facts, held-out people included;
 the small base (~0.2M) does not. Neither has seen a question. Pretraining runs by epochs,
@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from core.files import apply_umask
-from training import world as world_lib
+from demo import world as world_lib
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"

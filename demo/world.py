@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # SFT settings per task and size (full fine-tuning, completion-only loss, cosine schedule, 5% warmup,
-# batch 32), measured with scripts/probe_world.py and probes like it; what was measured is in the README
+# batch 32), measured with demo/probe.py and probes like it; what was measured is in the README
 # ("The embedded default").
 SFT_BATCH_SIZE = 32
 SFT_WARMUP_RATIO = 0.05

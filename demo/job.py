@@ -1,16 +1,16 @@
 """The main job (`make demo`): the paper's three experiments on the embedded tiny family, ending in the results table.
 
-    python -m scripts.demo                 # seed 0: the default world (.cache/tiny-family)
-    python -m scripts.demo --seeds 1       # another world: its own family, models and registry
-    python -m scripts.demo --seeds 0 1 2   # the whole job on each, then every number as mean ± sd
-    python -m scripts.demo --alphas 1      # the proxies at alpha 1 only (default: 0.5 to 1.25)
-    python -m scripts.demo --jobs 1        # the stages one after another in this process (default: 2 at once)
+    python -m demo                 # seed 0: the default world (.cache/tiny-family)
+    python -m demo --seeds 1       # another world: its own family, models and registry
+    python -m demo --seeds 0 1 2   # the whole job on each, then every number as mean ± sd
+    python -m demo --alphas 1      # the proxies at alpha 1 only (default: 0.5 to 1.25)
+    python -m demo --jobs 1        # the stages one after another in this process (default: 2 at once)
 
 Per seed: build or reuse the family -> tune the small base into an expert per task (the QA task also with
 LoRA and with DPO on top; the chat task with a chat template whose markers are tokens added to the
 expert's vocabulary) -> register -> tune the large base directly on each task (the references) ->
 evaluate every model and the proxy-tuned large model over a sweep of alpha -> that seed's tables.
-The tunings and evaluations are stages (scripts/stages.py) that run two at a time on two cores, each
+The tunings and evaluations are stages (demo/stages.py) that run two at a time on two cores, each
 as soon as the models it reads exist; the results are the same with --jobs 1.
 Then one report over the seeds: the tables, report.json and a plot (its path on the last line).
 
@@ -31,8 +31,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from core import CONF_DIR, PROJECT_ROOT
-from scripts.stages import Stage, StageFailed, run_stages
-from training import world
+from demo import world
+from demo.stages import Stage, StageFailed, run_stages
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
 ALPHAS = (0.5, 0.75, 1.0, 1.25)  # 1.5 and 2 were never the best on any seed, task or expert
@@ -182,7 +182,7 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
 def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS, jobs: int = 1) -> tuple[Path, dict]:
     """The whole job on one seed's world; its report, and how long the family and the job took."""
     from eval.report import write_report
-    from training.family import build_family
+    from demo.family import build_family
 
     with world_of(seed, out):
         print(f"[1/5] seed {seed}: model family in {family_dir(seed)} (built once, then cached)")
