@@ -244,8 +244,7 @@ def _build_into(folder: Path, settings: dict) -> dict:
     tokenizer.save_pretrained(folder / "tokenizer")
     world_lib.write_task_files(world, folder / "task")
 
-    report = {"settings": settings, "models": {}, "sft_settings": world_lib.SFT_SETTINGS,
-              "corpus_lines": len(corpus), "people": len(world.people)}
+    report = {"settings": settings, "models": {}, "corpus_lines": len(corpus), "people": len(world.people)}
     for name in ("small", "large"):
         size = settings[name]
         torch.manual_seed(seed)

@@ -14,8 +14,8 @@ The tunings and evaluations are stages (demo/stages.py) that run two at a time o
 as soon as the models it reads exist; the results are the same with --jobs 1.
 Then one report over the seeds: the tables, report.json and a plot (its path on the last line).
 
-Every stage is composed from conf/ with the same overrides a user would type, e.g. the expert is
-`python -m training.sft +task=tinyworld model=tiny-small name=tiny-expert training.learning_rate=3e-4 ...`.
+Every stage is composed from conf/ with the same overrides a user would type: each tuning is an experiment
+of conf/experiment/ (the expert is `python -m training.sft +experiment=tiny-expert paths.outputs=<out>`).
 Finished stages are found and skipped on a re-run.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from core import CONF_DIR, PROJECT_ROOT
-from demo import world
 from demo.stages import Stage, StageFailed, run_stages
 
 FAMILY_DIR = Path(os.environ.get("PROXY_FAMILY_DIR", PROJECT_ROOT / ".cache" / "tiny-family"))
@@ -42,7 +41,8 @@ PLAUSIBILITY = 0.1
 # --scale test, a seconds-long smoke run of the same job: a few steps per tuning, short answers
 SCALES = {"full": {"training": [], "max_new_tokens": 48},
           "test": {"training": ["training.max_steps=4"], "max_new_tokens": 16}}
-# task -> (its full-SFT expert, the large base tuned directly on it: the reference)
+# task -> (its full-SFT expert, the large base tuned directly on it: the reference); each tuning is named
+# after its experiment, conf/experiment/<name>.yaml, and registered under that name
 TASKS = {
     "tinyworld": ("tiny-expert", "tiny-large-tuned"),
     "tinychat": ("tiny-chat-expert", "tiny-large-chat"),
@@ -89,31 +89,6 @@ def world_of(seed: int, out: Path):
                 os.environ[key] = value
 
 
-def sft_overrides(task: str, size: str, name: str, out: Path) -> list[str]:
-    s = world.SFT_SETTINGS
-    return [
-        f"+task={task}", f"model=tiny-{size}", f"name={name}", f"paths.outputs={out}",
-        f"training.learning_rate={s[task][size]['learning_rate']}",
-        f"training.num_train_epochs={s[task][size]['num_train_epochs']}",
-        f"training.per_device_train_batch_size={s['per_device_train_batch_size']}",
-        "training.gradient_accumulation_steps=1", f"training.warmup_steps={s['warmup_ratio']}",
-        f"training.lr_scheduler_type={s['lr_scheduler_type']}", "training.activation_checkpointing=false",
-        "training.max_length=128", "training.logging_steps=25", "training.save_steps=100",
-    ]
-
-
-def dpo_overrides(out: Path) -> list[str]:
-    """DPO on top of the QA expert: its job folder's model (the `tiny-expert` stage's output)."""
-    return [
-        "+task=tinyworld", f"model={out / 'train' / 'tiny-expert' / 'model'}", "name=tiny-expert-dpo",
-        f"paths.outputs={out}",
-        "training.learning_rate=2e-4", "training.num_train_epochs=1", "training.beta=0.1",
-        "training.per_device_train_batch_size=32", "training.gradient_accumulation_steps=1",
-        "training.activation_checkpointing=false", "training.max_length=128", "training.logging_steps=25",
-        "training.save_steps=100",
-    ]
-
-
 def train(app: str, overrides: list[str]) -> None:
     """One tuning, as `python -m training.<app> <overrides>` runs it (it registers the model)."""
     from training import dpo, sft
@@ -135,19 +110,18 @@ def tuning_stages(out: Path, dpo: bool, scale: str = "full") -> tuple[list[Stage
     task -> its experts' registered names."""
     extra = SCALES[scale]["training"]
 
-    def sft(task: str, size: str, name: str, *more: str) -> Stage:
-        return Stage(name, train, ("sft", [*sft_overrides(task, size, name, out), *more, *extra]))
+    def tune(experiment: str, app: str = "sft", needs: tuple[str, ...] = ()) -> Stage:
+        return Stage(experiment, train, (app, [f"+experiment={experiment}", f"paths.outputs={out}", *extra]), needs)
 
     experts = {task: [expert] for task, (expert, _) in TASKS.items()}
-    # the longest chain first (the QA expert, then DPO on top of it), then the large references
-    stages = [sft("tinyworld", "small", "tiny-expert")]
+    # the longest chain first (the QA expert, then DPO on top of it: it reads the expert from this job's
+    # outputs), then the large references
+    stages = [tune("tiny-expert")]
     if dpo:
-        stages.append(Stage("tiny-expert-dpo", train, ("dpo", [*dpo_overrides(out), *extra]), ("tiny-expert",)))
+        stages.append(tune("tiny-expert-dpo", "dpo", needs=("tiny-expert",)))
         experts["tinyworld"].append("tiny-expert-dpo")
-    stages += [sft(task, "large", reference) for task, (_, reference) in TASKS.items()]
-    stages += [sft("tinychat", "small", "tiny-chat-expert"), sft("tinymath", "small", "tiny-math-expert"),
-               sft("tinyworld", "small", "tiny-expert-lora", "peft=lora", "training.merge=false",
-                   "training.learning_rate=3e-3")]
+    stages += [tune(reference) for _, reference in TASKS.values()]
+    stages += [tune("tiny-chat-expert"), tune("tiny-math-expert"), tune("tiny-expert-lora")]
     experts["tinyworld"].insert(1, "tiny-expert-lora")
     return stages, experts
 

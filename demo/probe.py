@@ -27,17 +27,17 @@ from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
 from training import sft
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
+EXPERIMENTS = {"small": "tiny-expert", "large": "tiny-large-tuned"}  # the demo's tuning of each base
 GREEDY = GenerationSettings(max_new_tokens=16, do_sample=False, stop=["\n"], batch_size=100)
 
 
 def tune(size: str, family: Path, out: Path, lr: float, epochs: float, batch_size: int, tag: str) -> str:
-    """Full fine-tuning of one base on the task's train split (finished runs are found and skipped)."""
-    overrides = ["+task=tinyworld", f"model={family / size}", f"name=probe-{size}-{tag}", f"paths.outputs={out}",
-                 f"task.data_files.train={family / 'task' / 'train.jsonl'}", f"training.learning_rate={lr}",
-                 f"training.num_train_epochs={epochs}", f"training.per_device_train_batch_size={batch_size}",
-                 "training.gradient_accumulation_steps=1", f"training.warmup_steps={world_lib.SFT_WARMUP_RATIO}",
-                 "training.activation_checkpointing=false", "training.max_length=128", "training.save_steps=1000",
-                 "logger=none"]
+    """The demo's tuning of one base on the task's train split, with the given settings (finished runs
+    are found and skipped)."""
+    overrides = [f"+experiment={EXPERIMENTS[size]}", f"model={family / size}", f"name=probe-{size}-{tag}",
+                 f"paths.outputs={out}", f"task.data_files.train={family / 'task' / 'train.jsonl'}",
+                 f"training.learning_rate={lr}", f"training.num_train_epochs={epochs}",
+                 f"training.per_device_train_batch_size={batch_size}", "training.save_steps=1000", "logger=none"]
     return sft.run(config("sft", overrides))["path"]
 
 
@@ -64,12 +64,12 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="full")
-    qa = world_lib.SFT_SETTINGS["tinyworld"]
-    parser.add_argument("--small-lr", type=float, default=qa["small"]["learning_rate"])
-    parser.add_argument("--large-lr", type=float, default=qa["large"]["learning_rate"])
-    parser.add_argument("--epochs", type=float, default=qa["small"]["num_train_epochs"], help="the small expert's SFT")
-    parser.add_argument("--large-epochs", type=float, default=qa["large"]["num_train_epochs"])
-    parser.add_argument("--batch-size", type=int, default=world_lib.SFT_BATCH_SIZE)
+    small, large = (config("sft", [f"+experiment={EXPERIMENTS[size]}"]).training for size in ("small", "large"))
+    parser.add_argument("--small-lr", type=float, default=small.learning_rate)
+    parser.add_argument("--large-lr", type=float, default=large.learning_rate)
+    parser.add_argument("--epochs", type=float, default=small.num_train_epochs, help="the small expert's SFT")
+    parser.add_argument("--large-epochs", type=float, default=large.num_train_epochs)
+    parser.add_argument("--batch-size", type=int, default=small.per_device_train_batch_size)
     parser.add_argument("--tag", default="default", help="names the SFT outputs, to compare settings")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two multi-threaded torch jobs on 2 cores slow each other ~20x

@@ -18,24 +18,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-# SFT settings per task and size (full fine-tuning, completion-only loss, cosine schedule, 5% warmup,
-# batch 32), measured with demo/probe.py and probes like it; what was measured is in the README
-# ("The embedded default").
-SFT_BATCH_SIZE = 32
-SFT_WARMUP_RATIO = 0.05
-SFT_SETTINGS = {
-    "tinyworld": {"small": {"learning_rate": 3e-4, "num_train_epochs": 8},
-                  "large": {"learning_rate": 3e-4, "num_train_epochs": 4}},
-    "tinychat": {"small": {"learning_rate": 3e-4, "num_train_epochs": 8},
-                 "large": {"learning_rate": 3e-4, "num_train_epochs": 4}},
-    "tinymath": {"small": {"learning_rate": 1e-3, "num_train_epochs": 8},
-                 "large": {"learning_rate": 3e-4, "num_train_epochs": 4}},
-    "per_device_train_batch_size": SFT_BATCH_SIZE,
-    "warmup_ratio": SFT_WARMUP_RATIO,
-    "lr_scheduler_type": "cosine",
-    "full_fine_tuning": True,
-}
-
 HELD_OUT_FRACTION = 0.2
 BIOGRAPHIES_PER_PERSON = 4
 WORD_SALAD_FRACTION = 0.1

@@ -2,6 +2,7 @@
 by walking the folders."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from training import common
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 APPS = sorted(p.stem for p in CONF.glob("*.yaml"))
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+# experiments are composed by a test of their own: each into the app its command names
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+EXPERIMENTS = sorted((CONF / "experiment").glob("*.yaml"))
 ALL_YAML = sorted(CONF.rglob("*.yaml"))
 # what an app needs before it resolves (mandatory values)
 REQUIRED = {"proxy": ["expert=some/expert"], "sft": ["+task=jsonl"], "dpo": ["+task=jsonl"]}
@@ -77,7 +80,7 @@ def test_every_group_option_composes(group, option):
             cfg = _compose(app, [f"task={option}"] if app in REQUIRED else [f"+task={option}"])
             assert cfg.task.name == option
         return
-    if not users:  # a group no app lists by default (e.g. experiments): it must compose into one app
+    if not users:  # a group no app lists by default (e.g. hparams_search): it must compose into one app
         errors = []
         for app in APPS:
             try:
@@ -93,6 +96,31 @@ def test_every_group_option_composes(group, option):
             assert (config is None) == (option == "none")
             if config is not None:
                 assert isinstance(config.target_modules, (set, list)) or config.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_composes_into_the_app_its_command_names(path):
+    """`python -m training.<app> +experiment=<name>`, as its header says, composes with nothing more (the
+    experiment brings its task and model), TRL takes its settings, and it registers under the file's name."""
+    command = re.search(r"python -m training\.(\w+) \+experiment=(\S+)", path.read_text())
+    assert command and command[2] == path.stem, f"{path}: name `python -m training.<app> +experiment={path.stem}`"
+    app = command[1]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(app, overrides=[f"+experiment={path.stem}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.name == path.stem and cfg.task.name
+    args = common.trainer_config(cfg, app, Path("unused"), report_to="none")
+    assert args.learning_rate == cfg.training.learning_rate
+
+
+def test_the_demo_tunes_every_tiny_experiment_with_the_app_it_names(tmp_path):
+    from demo import job
+
+    tuning, _ = job.tuning_stages(tmp_path, dpo=True)
+    apps = {stage.name: stage.args[0] for stage in tuning}
+    named = {p.stem: re.search(r"python -m training\.(\w+)", p.read_text())[1]
+             for p in EXPERIMENTS if p.stem.startswith("tiny-")}
+    assert apps == named
 
 
 def test_peft_and_training_options_of_the_training_apps():
