@@ -4,7 +4,7 @@
 
 The large base (~2M parameters) memorises every person's facts, held-out people included;
 the small base (~0.2M) does not. Neither has seen a question. Pretraining runs by epochs,
-not wall clock: memorisation has a sharp threshold in epochs (tiny-world.md).
+not wall clock: memorisation has a sharp threshold in epochs (docs/tiny-world.md).
 """
 
 from __future__ import annotations
@@ -126,13 +126,9 @@ def pretrain(
     """Plain torch loop (faster than Trainer at this size). Returns the mean loss per epoch.
 
     pack=False (a model's "pack" key in SCALES) trains one document per row, as a prompt is seen:
-    every document starts at position 0 and attends to nothing but itself. Packing several
-    biographies into a 128-token row gives 4-5x fewer optimizer steps per epoch and lets a
-    biography attend to other people's; measured on the full world (seed 0, large base,
-    cloze recall on held-out people after 4 of 20 epochs): 19% unpacked vs 3% packed with
-    batch 4, and 76% after all 24 epochs packed with batch 16; unpacked 12 epochs: 100%).
-    But an unpacked large base never sees a biography after other text, and after a question
-    prompt it stated wrong facts (proxy EM 1.5%): hence still packed by default.
+    every document starts at position 0 and attends to nothing but itself. It memorises faster, but
+    a base that never sees a biography after other text states wrong facts after a question prompt,
+    hence packed by default (docs/tiny-world.md, "Packed pretraining rows").
     """
     generator = random.Random(seed)
     torch.manual_seed(seed)

@@ -5,7 +5,8 @@ states them in short biographies; the task asks about them in a question-answer 
 that no pretraining line uses. A large model pretrained long enough memorises the facts
 of every person, including the 20% held out from tuning; a small model does not. Only
 tuning teaches the format, so proxy-tuning a large base with a small tuned pair has a
-real gap to close (see /work/shared/research/tiny-world.md for the probes behind this).
+real gap to close. What each setting below measured, and what was tried and not kept:
+docs/tiny-world.md.
 
 Everything here is a pure function of the seed.
 """
@@ -21,28 +22,12 @@ from pathlib import Path
 HELD_OUT_FRACTION = 0.2
 BIOGRAPHIES_PER_PERSON = 4
 WORD_SALAD_FRACTION = 0.1
-# A quarter of the biographies follow a task's prompt (a question, an instruction or an age question):
-# the large base learns to read a biography after the tasks' prompt shapes. Measured before the chat and
-# age tasks (seed 0, 600 held-out questions, proxy at alpha 1, packed large base): 61% of the gap closed
-# without preambles, 74% with questions about somebody else; loose salad words as preamble leaked into
-# answers (53%). PREAMBLE_SAME_PERSON: the share of preambles about the biography's own person (web text
-# where a question about someone is followed by a page about them, the asked fact somewhere in it, in any
-# phrasing); the others ask about somebody else. Measured with the chat and age tasks (seed 0, full-SFT
-# expert, best alpha of 0.75-1.5): 75% of the QA gap closed with half the preambles about the same
-# person, 87% with none, when that page had to open with words other than the name ("The birthplace of
-# X is ..."), so the base started its own page where the expert starts the answer sentence. Opening like
-# any biography (mostly with the name), half about the same person is the better world: measured with the
-# worked ages below (seed 0, probe builds, alpha 1), QA 81.7% exact match (84% of the gap; the large tuned
-# 97.7%) against 67.5% (79%; the large tuned 85.0%) with none, the answer's name copied wrong 28 times in
-# 600 against 66, and the age skill's worked line right 190 times in 407 against 97. All of them about the
-# same person is better still: the large base memorises every preamble with the page that follows it, and
-# where that page was somebody else's it answered the task's question with that other person's name (its
-# first answer token was the asked name 42% of the time, seed 1; 82% with every preamble about the page's
-# own person). Measured (seed 1, probe builds with balanced phrasings (below), full-SFT expert, alpha
-# 0.75 / 1 / 1.25): 68.0 / 76.0 / 71.0% exact match with half, 65.0 / 82.8 / 86.2% with all (the world
-# before both, 64.5 / 75.0 / 71.2%).
+# A quarter of the biographies follow one of the tasks' prompts (a question, an instruction or an age
+# question), so that the large base learns to read a page after the prompts' shapes and to find the asked
+# person's facts in it. Every such prompt is about the page's own person: the base memorises a prompt
+# with the page after it, and where that page was somebody else's it answered with that other name.
 BIO_PREAMBLE_FRACTION = 0.25
-PREAMBLE_SAME_PERSON = 1.0
+PREAMBLE_SAME_PERSON = 1.0  # the share of those prompts about the page's own person
 RELATIONS = ("birth_city", "profession", "birth_year")
 
 CITIES = (
@@ -59,14 +44,10 @@ PROFESSIONS = (
 )
 FIRST_BIRTH_YEAR, LAST_BIRTH_YEAR = 1850, 1999
 
-# Several paraphrases per fact: a fact seen in one phrasing only is memorised but not
-# retrievable from a question. The first template of each relation is the answer sentence: one whose
-# words before the fact belong to that relation alone. "X was born in" also opens the birth year's
-# sentences ("... in the year 1923"), and there the base's guesses mix the two: measured (seed 0, large
-# base, held-out people, greedy), it completes the city after "X was born in" 50.5% of the time against
-# 93% after "X is a native of" (92-94% for the other city phrasings, 89-98% for the other relations'),
-# and with "is a native of" as the answer the full-SFT proxy's fact tokens went from 91.5% to 96.5%
-# right (teacher-forced) and its exact match from 80.8% to 85.2% (alpha 1).
+# Several paraphrases per fact: a fact seen in one phrasing only is memorised but not retrievable from a
+# question. The first template of each relation is the answer sentence: one whose words before the fact
+# belong to that relation alone ("X was born in" also opens the birth year's sentences, and after it
+# the base mixed up the city and the year).
 FACT_TEMPLATES = {
     "birth_city": (
         "{name} is a native of {value}.",
@@ -87,11 +68,6 @@ FACT_TEMPLATES = {
         "{name} arrived in {value}.",
     ),
 }
-# A person's biographies use every phrasing of a relation once before any twice (four biographies, four
-# phrasings: each exactly once). Drawn at random, a third of the people never had a given fact in the
-# answer sentence's phrasing, and the large base, which memorises biographies word for word, then ruled
-# that phrasing out for them (log-prob -10 for " worked" after a name whose pages all said "earned a
-# living" or "By trade") and went on with its own page where the expert starts the answer.
 QUESTION_TEMPLATES = {
     "birth_city": "Where was {name} born?",
     "profession": "What was the profession of {name}?",
@@ -124,13 +100,8 @@ AGE_SOLUTION = "{fact} {year} - {birth_year} = {age}.\n#### {age}"
 # The arithmetic the skill needs, as web text has it: every subtraction of a birth year from one of
 # AGE_YEARS appears ARITHMETIC_REPEATS times in pretraining, ARITHMETIC_PER_LINE to a line, the last
 # result restated after "####" ("1950 - 1923 = 27. 2000 - 1871 = 129. 1900 - 1850 = 50.\n#### 50"). The
-# base knows the table and the facts; tuning has to teach it to chain them. Measured (seed 0, alpha 1):
-# with one subtraction alone per line the large model tuned on the task reached 93-98% and the proxy
-# 4-7%, often breaking off after "2000" (the base had met "2000 -" only at a line's start); three to a
-# line, the proxy wrote the subtraction but put another birth year into it (5%; 5-15% over three seeds),
-# which the worked ages below fixed (16%; 17% with the same-person preambles above, its worked line now
-# right 47% of the time but rarely followed by "####", which the base had met only in word salad);
-# with "####" after each line here, 27% (the large tuned 100%).
+# base knows the table and the facts; tuning has to teach it to chain them. Several to a line, so that a
+# subtraction does not only ever open a line; "####" after each, so that the base meets it outside salad.
 ARITHMETIC_LINE = "{year} - {birth_year} = {age}."
 ARITHMETIC_REPEATS = 4
 ARITHMETIC_PER_LINE = 3
@@ -139,46 +110,7 @@ ARITHMETIC_PER_LINE = 3
 # just stated into a subtraction. A tuning person's pages work ages in the task's own years (AGE_YEARS),
 # as the web holds worked examples like a task's training set; a held-out person's pages only in
 # MILESTONE_YEARS, so that no age the test asks is in pretraining and the base has to work it out from
-# the birth year it remembers and the subtraction table. Measured (seed 1, probe builds, full-SFT experts,
-# alpha 0.75 / 1 / 1.25), against every page working milestone years only: skill 76.8 / 63.1 / 46.1% with
-# the paper's rule (33.1 / 30.0 / 18.3%) and 86.8 / 78.1 / 65.9% with proxy.plausibility 0.1 (40.7 /
-# 44.3 / 39.9%), facts 87.2 / 88.8 / 84.3% (65.0 / 82.8 / 86.2%); the large base now answers 8.1% of the
-# age questions (0.0%). The same with no worked ages on held-out people's pages: skill 79.1 / 79.4 /
-# 73.5% (with plausibility). Before (milestone years on every page): the base would not start the worked
-# line with a task's year after a birth year (log-prob -10.9 for " 2000") nor carry the year into it
-# (-6.8), since those years only ever started a nameless subtraction. Earlier (seed 0, alpha 1): of the
-# 407 answers, 1 that got as far as the subtraction put another year in (it mostly took another year
-# before); a quarter of the biographies instead of half (with the same-person preambles above): 9%, its
-# worked line right 91 times against 190.
-# Tried and not kept (the previous world's figures in brackets; gap closed at the best alpha):
-# - every worked age ending its page, restated after "\n####": the base no longer went on with the
-#   biography after the worked line (1 answer in 407 against 52) but broke more names and birth years;
-#   seed 0, exact match at the best alpha (a probe without references): skill 23% [27%], facts 66% [84%].
-# - that, and the age questions before pages asking milestone years, a page about the asked person
-#   working the age asked, on three seeds from a fresh clone (seeds 0 / 1 / 2): skill 23 ± 13% (37 / 11 /
-#   22) [38 ± 10%: 27 / 42 / 45], facts 75 ± 12% (87 / 64 / 73) [79 ± 5%: 85 / 78 / 74], chat 29 ± 8%
-#   [29 ± 11%]. Better on seed 0, where it was tried, worse on the others: the base no longer met the
-#   task's own years in a question, and 208 of seed 1's 407 answers went wrong at their first tokens
-#   (57 before).
-# - worked ages in any year after the birth but AGE_YEARS (in the world of every preamble about the page's
-#   own person and balanced phrasings): skill 30.3 / 29.3 / 19.3% at alpha 0.75 / 1 / 1.25 against 33.1 /
-#   30.0 / 18.3% (seed 1, probe build); after "1950 - " the base still took a year from the nameless table
-#   (-4.6 for the one just stated), the task's years only ever starting a nameless subtraction. Facts
-#   84.0 / 88.5 / 84.7% against 65.0 / 82.8 / 86.2%, on that seed only.
-# - nameless arithmetic lines stating the birth year first ("Someone was born in the year 1913. 1950 - 1913
-#   = 37."): the carry was learnt (seed 1, alpha 1: the right birth year carried 284 times in 393 against
-#   125) but the result broke (right 21 times against 253): the large base answered with the worked age of
-#   the person's own pages (2025 - 1989 = 36 for "2000 - 1989 =", log-prob -0.0), both small models knew
-#   11, and the offset had nothing to correct it with. Skill 1.8 / 3.8 / 6.1%, facts 73.5 / 78.2 / 73.8%.
-#   Those lines with no worked ages on anyone's pages (AGE_LINE_FRACTION 0; seeds 1 / 2, alpha 0.75 / 1 /
-#   1.25): skill 25.2 / 46.1 / 43.0% and 27.0 / 29.7 / 24.3% (this world: 33.1 / 30.0 / 18.3% and 34.9 /
-#   33.7 / 25.3%), facts 74.0 / 82.0 / 81.2% and 77.5 / 81.8 / 80.0% (65.0 / 82.8 / 86.2% and 67.8 / 87.7 /
-#   86.0%): on seed 2 the base mostly went on with the page after the birth year (158 worked lines in 407).
-# Many of the errors left (read in the second variant's answers) are noise in the offset's tail: where the
-# small expert does not know a fact (a birth year), tuning has flattened its distribution, and a name
-# piece the anti-expert rules out (log-prob -15.7) but the expert only doubts (-6.3) gets +9.3, which
-# lifts it above the year the base itself is sure of (log-prob -0.04). The math expert's learning rate
-# is not the cure: 1e-4 / 3e-4 / 1e-3 / 3e-3 gave 14 / 24 / 27 / 25% (seed 0, alpha 1).
+# the birth year it remembers and the subtraction table.
 MILESTONE_YEARS = (1875, 1925, 1975, 2025)
 AGE_LINE_FRACTION = 0.5
 
@@ -328,7 +260,9 @@ def pretraining_corpus(world: World) -> list[str]:
 
 
 def _phrasing_order(rng: random.Random, relation: str) -> list[int]:
-    """The template of `relation` in each of a person's biographies: every phrasing once before any twice."""
+    """The template of `relation` in each of a person's biographies: every phrasing once before any twice.
+    Drawn at random, a third of the people never had a fact in the answer sentence's phrasing, and the
+    large base, which memorises its pages word for word, ruled that phrasing out for them."""
     order: list[int] = []
     while len(order) < BIOGRAPHIES_PER_PERSON:
         cycle = list(range(len(FACT_TEMPLATES[relation])))
