@@ -206,7 +206,7 @@ def test_training_killed_after_a_checkpoint_resumes_from_it(tiny_family, tmp_pat
     proc = kill_once(["training.sft", *args], env, lambda: list(job.glob("checkpoint-*/trainer_state.json")))
     assert proc.returncode == -signal.SIGKILL and list(job.glob("checkpoint-*"))
 
-    from training.common import cli_main
+    from training.entry import cli_main
 
     code, err = run_in_process("sft", lambda cfg, _: cli_main(cfg, "sft"), *args)
     out = capsys.readouterr().out

@@ -440,25 +440,3 @@ def make_card(cfg: DictConfig, algorithm: str, name: str, model_dir: Path, token
         wandb=dict(wandb_info),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-
-
-def cli_main(cfg: DictConfig, algorithm: str) -> float:
-    """The body of `python -m training.sft|dpo`: train, then print the checkpoint folder on the last line."""
-    metrics = train(with_hydra_output_dir(cfg), algorithm)
-    print(metrics["path"], flush=True)
-    return float(metrics.get("last_loss") or 0.0)
-
-
-def with_hydra_output_dir(cfg: DictConfig) -> DictConfig:
-    """A user who chose the run folder (hydra.run.dir=...) gets the job there."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if cfg.get("output_dir"):
-        return cfg
-    try:
-        hc = HydraConfig.get()
-    except ValueError:
-        return cfg
-    if any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
-        cfg.output_dir = hc.runtime.output_dir
-    return cfg

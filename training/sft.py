@@ -11,22 +11,19 @@ or skips a finished one.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
 
 import hydra
 from omegaconf import DictConfig
 
-from core.errors import exit_on_user_error
-from training.common import cli_main, train
+from training.common import train
+from training.entry import cli_main
 
-
-def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train, save and register; the metrics, with `path` (the checkpoint folder) and `name`."""
-    return train(cfg, "sft", callbacks=callbacks)
+# run(cfg, callbacks=()): train, save and register; the metrics, with `path` (the checkpoint folder) and `name`
+run = functools.partial(train, algorithm="sft")
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
-@exit_on_user_error
 def main(cfg: DictConfig) -> float:
     return cli_main(cfg, "sft")
 
