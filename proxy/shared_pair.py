@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from core.errors import UserError
+from proxy.streams import cache_argument
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -29,6 +30,7 @@ class SharedLoraPair(torch.nn.Module):
         self.model = peft_model
         self.adapter = adapter_name or peft_model.active_adapter
         self.config = peft_model.get_base_model().config
+        self.cache_argument = cache_argument(peft_model)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -36,8 +38,7 @@ class SharedLoraPair(torch.nn.Module):
     def get_output_embeddings(self):
         return self.model.get_base_model().get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
-                logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True, logits_to_keep=0):
         rows = input_ids.shape[0]
 
         def twice(t):
@@ -47,7 +48,7 @@ class SharedLoraPair(torch.nn.Module):
 
         out = self.model(
             input_ids=twice(input_ids), attention_mask=twice(attention_mask), position_ids=twice(position_ids),
-            past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            use_cache=use_cache, logits_to_keep=logits_to_keep, **{self.cache_argument: cache},
             adapter_names=[self.adapter] * rows + [BASE_ADAPTER] * rows,
         )
         return SimpleNamespace(logits=torch.cat([out.logits[:rows], out.logits[rows:]], dim=-1))

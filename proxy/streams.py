@@ -13,6 +13,8 @@ would see alone. Two things make that hold beyond plain causal attention:
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import get_layer_types_and_kwargs
@@ -37,6 +39,19 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded mask: 0 at each row's first real token."""
     return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def cache_argument(model) -> str:
+    """The name under which a model's forward takes its KV cache: `cache` where transformers has renamed it
+    (5.25 here, where `past_key_values` warns and is to go in 5.40), `past_key_values` in older releases and
+    in remote code that kept it. A PEFT model hands the cache on to its base model, whose name counts."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(inner, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def model_device(model) -> torch.device:
@@ -73,6 +88,7 @@ class ModelStream:
         self.model = model
         self.device = model_device(model)
         self.layout = AttentionLayout(model)
+        self.cache_argument = cache_argument(model)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (B, S) 1 for a real slot of the cache, 0 for padding or a hole
         self.pos: torch.Tensor | None = None  # (B, S) position of each slot
@@ -113,8 +129,8 @@ class ModelStream:
             input_ids=ids,
             attention_mask=self._attention(positions),
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_argument: self.cache},
             logits_to_keep=logits_to_keep,
         )
         self.forwards += 1

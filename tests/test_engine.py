@@ -279,3 +279,38 @@ def test_small_models_in_a_second_process_give_the_same_tokens(models, prompts):
     finally:
         parallel.close()
     assert parallel._worker is None
+
+
+class OlderForward(torch.nn.Module):
+    """A model whose forward still takes its cache as `past_key_values` (transformers before the rename to
+    `cache`, and remote code that kept the old name)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.generation_config = model, model.config, model.generation_config
+        self.calls = 0
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                logits_to_keep=0):
+        assert past_key_values is not None  # the engine always hands its own cache over
+        self.calls += 1
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, logits_to_keep=logits_to_keep, cache=past_key_values)
+
+
+def test_the_cache_goes_under_the_name_the_model_takes(models, prompts):
+    from proxy.streams import cache_argument
+
+    assert cache_argument(models["large"]) == "cache"  # the installed transformers' name
+    older = OlderForward(models["expert"])
+    assert cache_argument(older) == "past_key_values"
+    settings = GenerationSettings(max_new_tokens=8, batch_size=4)
+    want = engine(models).generate(prompts, settings)
+    got = ProxyEngine(models["large"], models["tok"], [SteeringPair(older, models["small"], 1.0)]).generate(prompts, settings)
+    assert ids(got) == ids(want) and older.calls > 1  # a prefill, then one cached step a token

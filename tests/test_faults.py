@@ -120,7 +120,7 @@ def test_eval_takes_a_model_alone_or_a_proxy_not_both(tiny_family, tmp_path):
 def test_stop_strings_typed_on_a_command_line_read_escapes():
     from omegaconf import OmegaConf
 
-    from proxy.run import generation_settings
+    from proxy.options import generation_settings
 
     gen = OmegaConf.create({"max_new_tokens": 4, "stop": ["\\n\\nQuestion:", "a\\tb", "c\\\\n"]})
     assert generation_settings(gen).stop == ["\n\nQuestion:", "a\tb", "c\\n"]
@@ -240,3 +240,17 @@ def test_corrupt_registry_card(tmp_path, capsys):
     rows = {line.split()[0]: line for line in listing.splitlines()[2:] if line.strip()}
     assert "good-expert" in rows and "CORRUPT" not in rows["good-expert"]
     assert "CORRUPT" in rows["bad-expert"]
+
+
+# ---------------------------------------------------------------------------- a successful run is quiet
+
+def test_a_successful_proxy_run_prints_no_warning(tiny_family, prompts_file, tmp_path):
+    """The last thing a user reads after a run that worked is what it wrote, not a library's warning (a
+    deprecated argument would break the run on the transformers that removes it)."""
+    code, out, err = entry("proxy.run", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
+                           f"anti_expert={tiny_family.small}", f"prompts={prompts_file}", "generation.max_new_tokens=4",
+                           f"hydra.run.dir={tmp_path / 'run'}", env={"WANDB_DIR": str(tmp_path)})
+    assert code == 0, err
+    assert "wrote 2 generations" in out
+    warned = [line for line in err.splitlines() if "warn" in line.lower()]
+    assert not warned, "\n".join(warned)

@@ -92,7 +92,8 @@ def test_loglikelihood_is_the_engine_score_of_lm_eval_s_tokens(steered, models):
         ctx, cont = lm._encode_pair(context, continuation) if context else ([lm.prefix_token_id], lm.tok_encode(
             continuation, add_special_tokens=False))
         want = lm.engine.score_tokens([(context, ctx, cont)])[0]
-        assert logprob == pytest.approx(want["logprob"], abs=1e-5) and greedy == want["is_greedy"]
+        # lm-eval batches other requests beside this one: float32 sums in another order (a few 1e-7 relative)
+        assert logprob == pytest.approx(want["logprob"], rel=1e-6, abs=1e-5) and greedy == want["is_greedy"]
 
 
 def test_generate_until_is_the_engine_generate(steered, models):
