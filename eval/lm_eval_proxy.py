@@ -127,7 +127,7 @@ class ProxyLM(TemplateLM):
         kwargs.pop("max_batch_size", None)  # lm-eval passes these to every model type
         device = kwargs.pop("device", None)
         if engine is None:
-            from proxy.run import build_engine
+            from proxy.build import build_engine
 
             load = load_overrides(kwargs)
             # lm-eval's CLI always passes a device (cuda:0 unless told); it matters only where CUDA is

@@ -20,8 +20,8 @@ from core.files import atomic_write_json, write_jsonl
 from core.jobs import hydra_output_dir, run_job
 from core.registry import update_scores
 from eval import metrics as M
-from proxy.engine import check_plausibility
-from proxy.run import build_engine, generation_settings, resolve_pairs, run_inputs
+from proxy.build import build_engine, resolve_pairs, run_inputs
+from proxy.options import check_plausibility, generation_settings
 from training.tasks import get_field, load_records, load_task, task_files, to_example
 
 METRICS_FILE = "metrics.json"

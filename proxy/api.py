@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import UserError
 from proxy.batcher import Batcher, Busy, Request
 from proxy.decoding import GenerationSettings
-from proxy.engine import check_alpha
+from proxy.options import check_alpha
 from proxy.text import generated_text
 
 PAGE = Path(__file__).with_name("page.html")

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 
 from core.errors import UserError
-from proxy.combine import token_diagnostics
 from proxy.decoding import GenerationSettings
 from proxy.engine import ProxyEngine
 from proxy.prompts import Prompt
+from proxy.step import Row, Rows, next_tokens
 from proxy.streams import ModelStream, left_pad
-from proxy.text import final_text, generated_text
+from proxy.text import generated_text
 
 
 class Busy(Exception):
@@ -46,59 +46,38 @@ class Request:
 
 
 class LiveRow:
-    """A request in the batch: its ids, its rules, the text it has sent so far."""
+    """A request in the batch: its row (proxy.step.Row) and the text it has sent so far."""
 
     def __init__(self, request: Request, engine: ProxyEngine):
         self.request, self.engine = request, engine
-        self.rules = request.rules or engine.rules(request.settings)
         self.ids = request.encoded[engine.base_key]
-        self.processors = self.rules.processors(torch.ones(1, len(self.ids), dtype=torch.long))
-        alphas = [p.alpha for p in engine.pairs]
-        if alphas and request.alpha is not None:
-            alphas[0] = request.alpha
-        self.alphas = alphas
-        self.generated: list[int] = []
-        self.reason: str | None = None
+        rules = request.rules or engine.rules(request.settings)
+        self.row = Row(rules, self.ids, alpha=request.alpha, diagnostics=request.diagnostics, logprobs=request.logprobs)
         self.sent = ""
 
-    def choose(self, scores: torch.Tensor, top: int) -> tuple[int, torch.Tensor]:
-        """This row's token from its proxy scores (V,), with its own processors and sampling (`top`: the
-        scores' argmax, a greedy row's token when nothing processes them); and the scores it was picked from."""
-        if not self.processors and not self.rules.do_sample:
-            return top, scores
-        processed = scores[None]
-        if self.processors:
-            ids = torch.tensor([self.ids + self.generated], device=scores.device)
-            processed = self.processors(ids, processed)
-        return int(self.rules.pick(processed)[0]), processed[0]
-
-    def take(self, token: int, processed: torch.Tensor, base: torch.Tensor | None, proxy: torch.Tensor) -> dict:
-        """Append the token; the event that tells the client (the new text, and what it asked for)."""
-        self.generated.append(token)
-        self.reason = self.rules.finish_reason(self.generated)
+    def token_event(self) -> dict:
+        """The event of the row's last token: the new text, and what the client asked for."""
+        token = self.row.generated[-1]
         event = {"type": "token", "token_id": token, "text": self.new_text()}
-        if self.request.logprobs is not None:  # under the proxy distribution, before sampling's filters
-            logprobs = torch.log_softmax(proxy.float(), -1)
-            top = logprobs.topk(max(1, self.request.logprobs))
-            event["logprob"] = float(logprobs[token])
-            event["token"] = generated_text(self.engine.tokenizer, [token])
-            event["top_logprobs"] = [(generated_text(self.engine.tokenizer, [int(i)]), float(v))
-                                     for v, i in zip(top.values, top.indices)]
-        if self.request.diagnostics and base is not None:
-            diag = token_diagnostics(base[None].float(), proxy[None])
-            event["diagnostics"] = {"changed": bool(diag["changed"][0]), "kl": round(float(diag["kl_proxy_base"][0]), 5),
-                                    "base_top": generated_text(self.engine.tokenizer, [int(diag["base_top"][0])])}
+        if self.row.recording:
+            record = self.row.records[-1]
+            if self.request.logprobs is not None:  # under the proxy distribution, before sampling's filters
+                event.update({k: record[k] for k in ("logprob", "token", "top_logprobs")})
+            if self.request.diagnostics:
+                event["diagnostics"] = {"changed": record["changed"], "kl": record["kl_proxy_base"],
+                                        "base_top": generated_text(self.engine.tokenizer, [record["base_top_id"]])}
         return event
 
     def new_text(self) -> str:
         """The text the client has not seen yet. While the row goes on, a trailing half character and a
         tail that could begin a stop string are held back, so the pieces add up to the final text."""
-        stop = self.rules.stop_strings.stop
-        if self.reason is not None:
-            text = final_text(self.engine.tokenizer, self.generated, self.reason, stop)
+        row = self.row
+        if row.reason is not None:
+            text = row.text(self.engine.tokenizer)
         else:
-            text = generated_text(self.engine.tokenizer, self.generated).rstrip("\ufffd")
-            held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text = generated_text(self.engine.tokenizer, row.generated).rstrip("\ufffd")
+            held = max((n for s in row.rules.stop_strings.stop for n in range(1, len(s)) if text.endswith(s[:n])),
+                       default=0)
             text = text[: len(text) - held]
         if not text.startswith(self.sent):
             return ""  # decoding rewrote earlier text (rare): the final event carries the rest
@@ -106,76 +85,64 @@ class LiveRow:
         return piece
 
     def end_event(self) -> dict:
-        text = final_text(self.engine.tokenizer, self.generated, self.reason, self.rules.stop_strings.stop)
-        return {"type": "end", "finish_reason": self.reason, "text": text, "prompt_tokens": len(self.ids),
-                "completion_tokens": len(self.generated) - (self.reason == "eos")}
+        row = self.row
+        return {"type": "end", "finish_reason": row.reason, "text": row.text(self.engine.tokenizer),
+                "prompt_tokens": len(self.ids), "completion_tokens": len(row.generated) - (row.reason == "eos")}
 
 
 class LiveBatch:
-    """The running batch: one stream per model with the rows' caches, and the rows' next logits."""
+    """The running batch: one stream per model with the rows' caches, the rows, and their next logits."""
 
     def __init__(self, engine: ProxyEngine):
         self.engine = engine
         self.runners = {key: ModelStream(s.model) for key, s in engine.streams.items()}
-        self.rows: list[LiveRow] = []
+        self.members: list[LiveRow] = []
+        self.rows = Rows([], engine.device, engine.pad_id)  # the live rows' proxy.step rows, in batch order
         self.logits: dict = {}
         self.peak_rows = 0  # the most rows decoded together so far
 
     def admit(self, requests: list[Request]) -> list[tuple[Callable, dict]]:
         """Prefill the requests together and join them below the running rows; the error events of those
         that could not join (each fails alone)."""
-        rows, failed = [], []
+        joining, failed = [], []
         for request in requests:
             try:
-                rows.append(LiveRow(request, self.engine))
+                joining.append(LiveRow(request, self.engine))
             except Exception as err:
                 failed.append((request.listener, {"type": "error", "message": describe(err)}))
-        requests = [row.request for row in rows]
-        if not requests:
+        if not joining:
             return failed
         for key, stream in self.engine.streams.items():
             fresh = ModelStream(stream.model)
-            logits = fresh.prefill(*left_pad([r.encoded[key] for r in requests], stream.pad_id))
+            logits = fresh.prefill(*left_pad([lr.request.encoded[key] for lr in joining], stream.pad_id))
             self.runners[key].join(fresh)
             self.logits[key] = logits if key not in self.logits else torch.cat([self.logits[key], logits])
-        self.rows += rows
-        self.peak_rows = max(self.peak_rows, len(self.rows))
+        self.members += joining
+        self.rows.join([lr.row for lr in joining])
+        self.peak_rows = max(self.peak_rows, len(self.members))
         return failed
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Callable, dict]]:
-        """One token for every row; rows that ended or were cancelled leave the batch. Returns the step's
-        events, each with the listener it is for."""
-        engine, events = self.engine, []
-        alphas = [torch.tensor([[row.alphas[i]] for row in self.rows], device=engine.device)
-                  for i in range(len(engine.pairs))]
-        scores = engine.combine(self.logits, alphas)  # s_base + alpha_row * (s_expert - s_anti), (B, V)
-        base = None
-        if any(row.request.diagnostics for row in self.rows):
-            base = engine.view(engine.base_key, self.logits[engine.base_key]).to(engine.device)
-        tops = scores.argmax(-1).tolist()
-        tokens = []
-        for r, row in enumerate(self.rows):
-            if row.request.cancelled:
-                tokens.append(engine.pad_id)
-                continue
-            token, processed = row.choose(scores[r], tops[r])
-            events.append((row.request.listener, row.take(token, processed, None if base is None else base[r], scores[r])))
-            tokens.append(token)
-        keep = [r for r, row in enumerate(self.rows) if row.reason is None and not row.request.cancelled]
-        events += [(row.request.listener, row.end_event()) for row in self.rows
-                   if row.reason is not None and not row.request.cancelled]
-        self.leave(keep)
-        if self.rows:
-            step_tokens = torch.tensor([tokens[r] for r in keep], device=engine.device)
-            self.logits = {key: runner.step(step_tokens) for key, runner in self.runners.items()}
+        """One token for every row (proxy.step); rows that ended or were cancelled leave the batch. Returns
+        the step's events, each with the listener it is for."""
+        self.leave([r for r, lr in enumerate(self.members) if not lr.request.cancelled])
+        if not self.members:
+            return []
+        next_tokens(self.engine, self.rows, self.logits)  # each row by its own settings and alpha
+        events = [(lr.request.listener, lr.token_event()) for lr in self.members]
+        events += [(lr.request.listener, lr.end_event()) for lr in self.members if lr.row.reason is not None]
+        self.leave([r for r, lr in enumerate(self.members) if lr.row.reason is None])
+        if self.members:
+            self.logits = {key: runner.step(self.rows.last) for key, runner in self.runners.items()}
         return events
 
     def leave(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
+        if len(keep) == len(self.members):
             return
-        self.rows = [self.rows[r] for r in keep]
-        if not self.rows:  # start afresh: the caches' layout may differ for the next requests
+        self.members = [self.members[r] for r in keep]
+        self.rows.select(keep)
+        if not self.members:  # start afresh: the caches' layout may differ for the next requests
             self.runners = {key: ModelStream(s.model) for key, s in self.engine.streams.items()}
             self.logits = {}
             return
@@ -185,7 +152,7 @@ class LiveBatch:
 
     def fail(self, message: str) -> list[tuple[Callable, dict]]:
         """Start afresh after a failure; the events that tell every row."""
-        events = [(row.request.listener, {"type": "error", "message": message}) for row in self.rows]
+        events = [(lr.request.listener, {"type": "error", "message": message}) for lr in self.members]
         self.leave([])
         return events
 

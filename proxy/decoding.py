@@ -1,6 +1,6 @@
-"""The rules of one decoding call, shared by the plain and the speculative engine: which scores are
-processed how (transformers' own logits processors, built from the base's generation config and the
-user's settings, exactly as the base's `generate` builds them), how a token is picked, and when a row ends.
+"""The rules of one decoding call (proxy.step applies them): which scores are processed how
+(transformers' own logits processors, built from the base's generation config and the user's settings,
+exactly as the base's `generate` builds them), how a token is picked, and when a row ends.
 """
 from __future__ import annotations
 
@@ -111,9 +111,13 @@ class DecodeRules:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(int(settings.seed or 0))
         try:  # transformers checks the values (top_p in (0, 1], ...) as it builds them: refuse them now
-            self.processors(torch.ones(1, 1, dtype=torch.long))
+            probe = self.processors(torch.ones(1, 1, dtype=torch.long))
         except ValueError as err:
             raise UserError(f"bad generation setting: {str(err).strip().splitlines()[0]}") from None
+        self.processes = bool(probe)  # some processor changes the scores
+        # nothing reads the ids or their number: `probe` serves rows at any position in one call
+        self.position_free = all(isinstance(p, POSITION_FREE) for p in probe)
+        self.probe = probe
 
     def processors(self, prompt_mask: torch.Tensor) -> LogitsProcessorList:
         """The processors the base's `generate` would build for these left-padded prompts (B, W)."""
@@ -122,10 +126,6 @@ class DecodeRules:
         return self.base._get_logits_processor(
             generation_config=gc, input_ids_seq_length=prompt_mask.shape[1],
             model_kwargs={"attention_mask": prompt_mask.to(self.device)}, device=self.device)
-
-    @staticmethod
-    def position_free(processors: LogitsProcessorList) -> bool:
-        return all(isinstance(p, POSITION_FREE) for p in processors)
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """Greedy or sampled tokens (B,) from processed scores (B, V)."""
@@ -142,74 +142,3 @@ class DecodeRules:
         if len(new_ids) >= self.max_new_tokens:
             return "length"
         return None
-
-
-class Rows:
-    """The rows of one batch as they decode: each row's ids (its left-padded prompt, then what it
-    generated) and why it ended. Both engines keep their rows here and run transformers' processors
-    through `process`, so that the plain and the speculative engine apply the same rules the same way.
-
-    The plain engine advances every row by one token a step (an ended row by padding), so its ids stay
-    a rectangle and the processors run once over the batch, as in `generate`; speculative rows advance
-    by different numbers, and processors that read the ids then run row by row."""
-
-    def __init__(self, rules: DecodeRules, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pad_id: int):
-        self.rules, self.pad_id = rules, pad_id
-        self.prompt_mask = prompt_mask
-        self.seq = prompt_ids.to(rules.device)  # (B, W + steps) while every row advances together
-        self.generated: list[list[int]] = [[] for _ in range(len(prompt_ids))]
-        self.reasons: list[str | None] = [None] * len(prompt_ids)
-        self.processors = rules.processors(prompt_mask)
-        self._row_processors = None
-        self.aligned = True
-
-    @property
-    def active(self) -> torch.Tensor:
-        return torch.tensor([r is None for r in self.reasons], device=self.rules.device)
-
-    @property
-    def done(self) -> bool:
-        return all(r is not None for r in self.reasons)
-
-    def commit(self, row: int, tokens: Sequence[int]) -> int:
-        """Append tokens to a row until it ends; how many it took."""
-        taken = 0
-        for tok in tokens:
-            if self.reasons[row] is not None:
-                break
-            self.generated[row].append(int(tok))
-            self.reasons[row] = self.rules.finish_reason(self.generated[row])
-            taken += 1
-        return taken
-
-    def advance(self, tokens: torch.Tensor) -> int:
-        """Every row that goes on takes its token (B,); the plain engine's step. How many were taken."""
-        tokens = torch.where(self.active, tokens, torch.full_like(tokens, self.pad_id))
-        self.seq = torch.cat([self.seq, tokens[:, None]], dim=-1)
-        return sum(self.commit(row, [tok]) for row, tok in enumerate(tokens.tolist()))
-
-    def process(self, scores: torch.Tensor, drafts: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-        """transformers' processors over scores (B, n, V) whose position i follows each row's ids and the
-        row's first start + i drafts (B, m)."""
-        if not self.processors:
-            return scores
-        b, n, v = scores.shape
-        if self.rules.position_free(self.processors):  # nothing reads the ids: one call for every position
-            flat = scores.reshape(b * n, v)
-            return self.processors(flat.new_zeros((b * n, 1), dtype=torch.long), flat).reshape(b, n, v)
-        if self.aligned and drafts is None and n == 1:
-            return self.processors(self.seq, scores[:, 0])[:, None]
-        out = scores.clone()
-        for r in range(b):
-            if self.reasons[r] is None:
-                head = torch.cat([self.seq[r], torch.tensor(self.generated[r], dtype=torch.long, device=self.seq.device)])
-                for i in range(n):
-                    ids = head if drafts is None else torch.cat([head, drafts[r, : start + i].to(head.device)])
-                    out[r, i] = self.row_processors(r)(ids[None], scores[r, i][None])[0]
-        return out
-
-    def row_processors(self, row: int) -> LogitsProcessorList:
-        """The processors for one row alone (its own prompt padding, its own length)."""
-        if self._row_processors is None:
-            self._row_processors = [self.rules.processors(self.prompt_mask[r : r + 1]) for r in range(len(self.reasons))]
-        return self._row_processors[row]

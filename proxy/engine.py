@@ -13,7 +13,6 @@ appended to every model's sequence.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,15 +20,15 @@ from typing import Sequence
 import torch
 
 from core.errors import UserError
-from proxy.combine import proxy_logits, shared_logits, token_diagnostics
-from proxy.decoding import DecodeRules, GenerationSettings, Rows
+from proxy.options import check_alpha, check_plausibility
+from proxy.combine import proxy_logits, shared_logits
+from proxy.decoding import DecodeRules, GenerationSettings
 from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
+from proxy.step import Generation, Rows, next_tokens
 from proxy.streams import ModelStream, left_pad, model_device
-from proxy.text import final_text
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
-__all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair", "check_alpha",
-           "check_plausibility"]
+__all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair"]
 
 
 @dataclass
@@ -44,15 +43,6 @@ class SteeringPair:
     shared: bool = False  # expert and anti-expert are one SharedLoraPair: its logits are [expert | anti]
     tokenizer: object = None  # the expert's own tokenizer (default: the base's)
     anti_tokenizer: object = None  # the anti-expert's own tokenizer (default: the base's)
-
-
-@dataclass
-class Generation:
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "eos", "stop" or "length"
-    diagnostics: list[dict] | None = None
 
 
 @dataclass
@@ -85,6 +75,12 @@ class DecodeStats:
     def changed_share(self) -> float | None:
         return self.changed_tokens / self.diagnosed_tokens if self.diagnosed_tokens else None
 
+    def count_forwards(self, runners: dict, base_key) -> None:
+        """Add the forwards each runner (stream key -> ModelStream) made."""
+        for i, (key, runner) in enumerate(runners.items()):
+            name = "base" if key == base_key else f"stream{i}"
+            self.per_model_forwards[name] = self.per_model_forwards.get(name, 0) + runner.forwards
+
     def metrics(self) -> dict[str, float]:
         """What a stage reports of its decoding: speed, and the ratios that apply."""
         out = {"tokens_per_s": round(self.tokens_per_s, 2)}
@@ -92,30 +88,6 @@ class DecodeStats:
             if getattr(self, key) is not None:
                 out[key] = round(getattr(self, key), 4)
         return out
-
-
-def check_alpha(alpha: float) -> float:
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise UserError(f"alpha must be a number, got {alpha!r}; try proxy.alpha=1.0") from None
-    if not math.isfinite(alpha):
-        raise UserError(f"alpha must be a finite number, got {alpha}; try proxy.alpha=1.0")
-    return alpha
-
-
-def check_plausibility(fraction: float) -> float:
-    """proxy.plausibility: 0 (every token, the paper's rule) or a fraction below 1 of a model's top probability."""
-    if isinstance(fraction, bool):
-        raise UserError(f"proxy.plausibility must be a number, got {str(fraction).lower()}; try proxy.plausibility=0.1")
-    try:
-        fraction = float(fraction)
-    except (TypeError, ValueError):
-        raise UserError(f"proxy.plausibility must be a number, got {fraction!r}; try proxy.plausibility=0.1") from None
-    if not 0 <= fraction < 1:
-        raise UserError(f"proxy.plausibility must be at least 0 and below 1, got {fraction}; 0 turns it off, "
-                        "0.1 keeps the tokens with a tenth of a model's top probability or more")
-    return fraction
 
 
 @dataclass
@@ -252,7 +224,7 @@ class ProxyEngine:
             encoded[key] = row
         return encoded
 
-    def _encode_batch(self, prompts: Sequence[Prompt], extra: int, prompt_ids: Sequence[list[int]] | None = None
+    def encode_batch(self, prompts: Sequence[Prompt], extra: int, prompt_ids: Sequence[list[int]] | None = None
                       ) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
         """Every stream's left-padded (ids, mask) for the prompts (see `encode_prompt`)."""
         encoded = [self.encode_prompt(p, extra, None if prompt_ids is None else prompt_ids[i])
@@ -313,60 +285,36 @@ class ProxyEngine:
         return logits, runners, worker
 
     def _generate_batch(self, prompts, rules: DecodeRules, diagnostics, stats, prompt_ids=None) -> list[Generation]:
-        padded = self._encode_batch(prompts, rules.max_new_tokens, prompt_ids)
+        padded = self.encode_batch(prompts, rules.max_new_tokens + self.draft_margin(len(prompts)), prompt_ids)
+        rows = self.decode_batch(padded, rules, stats, diagnostics)
+        if diagnostics:
+            records = [e for row in rows.rows for e in row.records]
+            stats.diagnosed_tokens += len(records)
+            stats.changed_tokens += sum(e["changed"] for e in records)
+        return rows.generations(prompts, self.tokenizer)
+
+    def draft_margin(self, batch: int) -> int:
+        """How many positions past its budget a row may need (a speculative batch's extra drafts)."""
+        return 0
+
+    def decode_batch(self, padded: dict, rules: DecodeRules, stats: DecodeStats, diagnostics: bool = False) -> Rows:
+        """Decode one batch, one token a round (proxy.step): the rows, ended."""
         logits, runners, worker = self._prefill(padded)
-        rows = Rows(rules, *padded[self.base_key], self.pad_id)
-        trace: list[list[dict]] = [[] for _ in prompts]
-        stats.row_forwards += len(prompts)
+        rows = Rows.batch(rules, *padded[self.base_key], self.pad_id, diagnostics)
+        stats.row_forwards += len(rows)
         while True:
-            scores = self.combine(logits)  # s_base + alpha * (s_expert - s_anti)
-            tokens = rules.pick(rows.process(scores[:, None])[:, 0])  # transformers' processors, argmax or sample
-            if diagnostics:
-                self._record(trace, rows.active, tokens, self.view(self.base_key, logits[self.base_key]), scores, stats)
-            stats.new_tokens += rows.advance(tokens)  # each row ends on a stop id, a stop string or its budget
+            stats.new_tokens += next_tokens(self, rows, logits)  # combine, process, pick, record, advance
             stats.steps += 1
             if rows.done:
                 break
             stats.row_forwards += int(rows.active.sum())
-            tokens = rows.seq[:, -1]
             if worker:
-                worker.submit(tokens)  # the small models step while the base does
-            logits = {key: runner.step(tokens) for key, runner in runners.items()}
+                worker.submit(rows.last)  # the small models step while the base does
+            logits = {key: runner.step(rows.last) for key, runner in runners.items()}
             if worker:
                 logits.update(worker.collect())
-        self._count_forwards(runners, stats)
-        return self._finish(prompts, rows, trace if diagnostics else None)
-
-    def _count_forwards(self, runners: dict, stats: DecodeStats) -> None:
-        for i, (key, runner) in enumerate(runners.items()):
-            name = "base" if key == self.base_key else f"stream{i}"
-            stats.per_model_forwards[name] = stats.per_model_forwards.get(name, 0) + runner.forwards
-
-    def _record(self, trace, active, tokens, base_scores, scores, stats) -> None:
-        diag = token_diagnostics(base_scores.float(), scores)
-        rows = active.nonzero().flatten().tolist()
-        for row in rows:
-            trace[row].append(
-                {
-                    "token_id": int(tokens[row]),
-                    "base_top_id": int(diag["base_top"][row]),
-                    "proxy_top_id": int(diag["proxy_top"][row]),
-                    "base_top": self.tokenizer.convert_ids_to_tokens(int(diag["base_top"][row])),
-                    "proxy_top": self.tokenizer.convert_ids_to_tokens(int(diag["proxy_top"][row])),
-                    "changed": bool(diag["changed"][row]),
-                    "offset_norm": round(float(diag["offset_norm"][row]), 4),
-                    "kl_proxy_base": round(float(diag["kl_proxy_base"][row]), 5),
-                }
-            )
-        stats.diagnosed_tokens += len(rows)
-        stats.changed_tokens += int(diag["changed"][active].sum())
-
-    def _finish(self, prompts, rows: Rows, trace=None) -> list[Generation]:
-        """Each row's text (the pipeline's, cut at the first stop string) and ids (without the ending id)."""
-        return [Generation(prompt=prompt, text=final_text(self.tokenizer, ids, reason, rows.rules.stop_strings.stop),
-                           token_ids=ids[:-1] if reason == "eos" else ids, finish_reason=reason,
-                           diagnostics=None if trace is None else trace[row])
-                for row, (prompt, ids, reason) in enumerate(zip(prompts, rows.generated, rows.reasons))]
+        stats.count_forwards(runners, self.base_key)
+        return rows
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[dict]:

@@ -23,7 +23,8 @@ from core.registry import display_name
 from proxy.api import Served, create_app
 from proxy.batcher import Batcher
 from proxy.engine import ProxyEngine
-from proxy.run import build_engine, generation_settings
+from proxy.build import build_engine
+from proxy.options import generation_settings
 
 
 def served_models(cfg: DictConfig) -> list[Served]:

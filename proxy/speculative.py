@@ -16,8 +16,9 @@ import time
 import torch
 
 from core.errors import UserError
-from proxy.decoding import DecodeRules, Rows
-from proxy.engine import ProxyEngine
+from proxy.decoding import DecodeRules
+from proxy.engine import DecodeStats, ProxyEngine
+from proxy.step import Rows
 from proxy.streams import AttentionLayout, ModelStream
 
 K_MAX = 8
@@ -75,27 +76,28 @@ class SpeculativeProxyEngine(ProxyEngine):
             self._terminal_ids[key] = torch.tensor(sorted(set(ids)), dtype=torch.long, device=self.device)
         return self._terminal_ids[key]
 
-    def _generate_batch(self, prompts, rules: DecodeRules, diagnostics, stats, prompt_ids=None):
+    def draft_margin(self, batch: int) -> int:
+        # a row never drafts past its budget alone; beside others it may draft up to K_MAX past it (its
+        # extra drafts are dropped), and those positions must exist too
+        return K_MAX if batch > 1 else 0
+
+    def decode_batch(self, padded: dict, rules: DecodeRules, stats: DecodeStats, diagnostics: bool = False) -> Rows:
         if diagnostics:
             raise UserError("proxy.diagnostics is not available with speculative decoding; turn one off")
-        return SpeculativeBatch(self, prompts, rules, stats, prompt_ids).run()
+        return SpeculativeBatch(self, padded, rules, stats).run()
 
 
 class SpeculativeBatch:
     """One batch decoded in rounds: the expert drafts, the other models verify, each row keeps what the
     proxy would have produced and rolls back the rest."""
 
-    def __init__(self, engine: SpeculativeProxyEngine, prompts, rules: DecodeRules, stats, prompt_ids=None):
-        self.engine, self.prompts, self.rules, self.stats = engine, list(prompts), rules, stats
-        # a row never drafts past its budget alone; beside others it may draft up to K_MAX past it (its
-        # extra drafts are dropped), and those positions must exist too
-        margin = K_MAX if len(prompts) > 1 else 0
-        self.padded = engine._encode_batch(prompts, rules.max_new_tokens + margin, prompt_ids)
+    def __init__(self, engine: SpeculativeProxyEngine, padded: dict, rules: DecodeRules, stats: DecodeStats):
+        self.engine, self.padded, self.rules, self.stats = engine, padded, rules, stats
         self.draft_key = engine.pair_keys[0][0]
         self.shared = engine.pairs[0].shared
         self.runners = {key: ModelStream(s.model) for key, s in engine.streams.items()}
-        self.rows = Rows(rules, *self.padded[engine.base_key], engine.pad_id)
-        self.rows.aligned = False  # rows advance by different numbers of tokens
+        # rows advance by different numbers of tokens: no common rectangle of ids
+        self.rows = Rows.batch(rules, *padded[engine.base_key], engine.pad_id, aligned=False)
 
     # -- the pieces of a round ----------------------------------------------------------------------
     def expert_view(self, logits: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ class SpeculativeBatch:
         """Up to k drafts per row from the expert: (drafts (B, k), the expert's logits before each (B, k, V))."""
         drafter, rules, rows = self.runners[self.draft_key], self.rules, self.rows
         active = rows.active
-        budget = max(rules.max_new_tokens - len(g) for g, r in zip(rows.generated, rows.reasons) if r is None)
+        budget = max(rules.max_new_tokens - len(rows[r].generated) for r in rows.live())
         terminal = self.engine.terminal_ids(rules.stop_strings.stop)
         pad = torch.full_like(active, self.engine.pad_id, dtype=torch.long)
         ended = ~active  # rows for which no further draft could be kept
@@ -126,7 +128,7 @@ class SpeculativeBatch:
                 lg = drafter.step(drafts[-1])
             logits.append(lg)
             before = torch.stack(drafts, 1) if drafts else None
-            drafts.append(rules.pick(rows.process(self.expert_view(lg)[:, None], before, j)[:, 0]))
+            drafts.append(rows.pick(rows.process(self.expert_view(lg)[:, None], before, j)[:, 0]))
             ended |= torch.isin(drafts[-1], terminal)
             if bool(ended.all()):
                 break
@@ -154,18 +156,18 @@ class SpeculativeBatch:
         return n_acc, proxy_top.gather(1, n_acc.clamp_max(k - 1)[:, None]).squeeze(1)
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self) -> list:
+    def run(self) -> Rows:
         first = self.runners[self.draft_key].prefill(*self.padded[self.draft_key])
         pending = None  # the first round drafts from the prompt; its verification is the others' prefill
         while not self.rows.done:
             pending = self.round(first, pending)
-        self.engine._count_forwards(self.runners, self.stats)
-        return self.engine._finish(self.prompts, self.rows)
+        self.stats.count_forwards(self.runners, self.engine.base_key)
+        return self.rows
 
     def round(self, first, pending):
         """Draft, verify, keep; returns the token each row takes next (pending for the next round)."""
         rows, stats, drafter = self.rows, self.stats, self.runners[self.draft_key]
-        live = [r for r, reason in enumerate(rows.reasons) if reason is None]
+        live = rows.live()
         lead = 0 if pending is None else 1  # tokens fed before the drafts: the pending one
         t0 = time.perf_counter()
         drafted, draft_logits = self.draft(first, pending)
@@ -174,7 +176,7 @@ class SpeculativeBatch:
         verify = self.verify(drafted, pending)
         n_acc, fix = self.accept(drafted, draft_logits, verify)
         n_list = n_acc.tolist()
-        taken = sum(rows.commit(r, drafted[r, : n_list[r]].tolist()) for r in live)
+        taken = sum(rows[r].take(drafted[r, : n_list[r]].tolist()) for r in live)
         drafter_fed = k - 1 + lead  # the pending token and the drafts but the last
         # a row that kept every draft and goes on takes a bonus token, which needs the expert's
         # logits after the last draft; a row that ended inside its drafts needs none
@@ -183,9 +185,9 @@ class SpeculativeBatch:
             bonus = drafter.step(drafted[:, -1])
             drafter_fed += 1
             scores = self.combine_at({key: lg[:, k:] for key, lg in verify.items()}, bonus[:, None])
-            fix = torch.where(all_in, self.rules.pick(rows.process(scores, drafted, k)[:, 0]), fix)
+            fix = torch.where(all_in, rows.pick(rows.process(scores, drafted, k)[:, 0]), fix)
         fix_list = fix.tolist()
-        taken += sum(rows.commit(r, [fix_list[r]]) for r in live)
+        taken += sum(rows[r].take([fix_list[r]]) for r in live)
         keep = n_acc + lead
         for key, runner in self.runners.items():
             if key == self.draft_key:  # a finished row that kept every draft never fed the last one

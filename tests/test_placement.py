@@ -85,19 +85,19 @@ def test_load_model_passes_the_placement_to_transformers(tiny_family, monkeypatc
 def test_proxy_run_loads_each_model_in_its_role(tiny_family, monkeypatch):
     from omegaconf import OmegaConf
 
-    from proxy import run
+    from proxy import build
 
     roles = []
-    real = run.load_model
+    real = build.load_model
 
     def spy(spec, **kwargs):
         roles.append(kwargs.get("role"))
         return real(spec, **kwargs)
 
-    monkeypatch.setattr(run, "load_model", spy)
+    monkeypatch.setattr(build, "load_model", spy)
     none = {"dtype": None, "quantization": None, "device_map": None, "attn_implementation": None}
     cfg = OmegaConf.create({"base": tiny_family.large, "expert": tiny_family.expert, "anti_expert": tiny_family.small,
                             "load": {"base": none, "expert": none, "anti_expert": none},
                             "proxy": {"alpha": 1.0, "expert_format": None, "extra_pairs": []}})
-    run.build_engine(cfg)
+    build.build_engine(cfg)
     assert sorted(roles) == ["anti_expert", "base", "expert"]

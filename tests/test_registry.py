@@ -11,7 +11,7 @@ import pytest
 
 from core.errors import UserError
 from core.registry import Card, entries, read_card, register, resolve, update_scores
-from proxy.run import resolve_pair
+from proxy.build import resolve_pair
 from training.registry import main
 
 

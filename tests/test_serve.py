@@ -17,7 +17,7 @@ from helpers import compose_app
 from proxy.api import Served, create_app
 from proxy.batcher import Batcher
 from proxy.engine import GenerationSettings
-from proxy.run import generation_settings
+from proxy.options import generation_settings
 from proxy.serve import running as live
 from proxy.serve import served_models
 

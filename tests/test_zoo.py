@@ -257,7 +257,7 @@ def _cfg(base, expert, anti, expert_format=None):
 
 
 def test_a_chat_expert_steered_against_its_base_reads_a_user_turn(zoo, capsys):
-    from proxy.run import build_engine
+    from proxy.build import build_engine
 
     f = zoo["llama3"]
     engine_, _ = build_engine(_cfg(f.base, f.expert, f.anti))
@@ -270,7 +270,7 @@ def test_a_chat_expert_steered_against_its_base_reads_a_user_turn(zoo, capsys):
 
 
 def test_the_paper_s_chat_expert_preset_reads_a_user_turn():
-    from proxy.run import ResolvedPair, expert_format
+    from proxy.build import ResolvedPair, expert_format
 
     pair = ResolvedPair("llama2-7b-chat", "llama2-7b", 1.0, None, "llama2-7b-chat")
     assert expert_format(pair, None, None, None, None) == CHAT
