@@ -155,8 +155,8 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
 
 def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS, jobs: int = 1) -> tuple[Path, dict]:
     """The whole job on one seed's world; its report, and how long the family and the job took."""
-    from eval.report import write_report
     from demo.family import build_family
+    from eval.report import write_report
 
     with world_of(seed, out):
         print(f"[1/5] seed {seed}: model family in {family_dir(seed)} (built once, then cached)")

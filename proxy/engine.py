@@ -20,10 +20,11 @@ from typing import Sequence
 import torch
 
 from core.errors import UserError
-from proxy.options import check_alpha, check_plausibility
 from proxy.combine import proxy_logits, shared_logits
 from proxy.decoding import DecodeRules, GenerationSettings
+from proxy.options import check_alpha, check_plausibility
 from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
+from proxy.scoring import score_batch
 from proxy.step import Generation, Rows, next_tokens
 from proxy.streams import ModelStream, left_pad, model_device
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
@@ -348,39 +349,5 @@ class ProxyEngine:
             alphas = [check_alpha(alpha)] + [p.alpha for p in self.pairs[1:]]
         results = []
         for i in range(0, len(requests), batch_size):
-            results += self._score_batch(requests[i : i + batch_size], alphas)
-        return results
-
-    def _score_batch(self, requests, alphas=None) -> list[dict]:
-        conts = [list(c) for _, _, c in requests]
-        if any(len(c) == 0 for c in conts):
-            raise UserError("a continuation to score encodes to no tokens")
-        span = max(len(c) for c in conts)
-        logits = {}
-        for key, stream in self.streams.items():
-            rows = []
-            for (text, ctx, _), cont in zip(requests, conts):
-                head = stream.encode(text) if stream.fmt is not None and text is not None else list(ctx)
-                rows.append((head or stream.empty_prompt_ids) + cont)
-            ids, mask = left_pad(rows, stream.pad_id)
-            # right-aligned rows: position -(n+1) predicts the continuation's first token in every stream
-            logits[key] = ModelStream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
-        # the paper's law: proxy.plausibility shapes what decoding picks, not the likelihood of a given text
-        logprobs = torch.log_softmax(self.combine(logits, alphas, constrained=False), dim=-1)  # (B, span, V)
-        results = []
-        for row, cont in enumerate(conts):
-            n = len(cont)
-            target = torch.tensor(cont, device=logprobs.device)
-            lp = logprobs[row, span - n :]
-            token_lp = lp.gather(-1, target[:, None]).squeeze(-1)
-            results.append(
-                {
-                    "logprob": float(token_lp.sum()),
-                    "num_tokens": n,
-                    "is_greedy": bool((lp.argmax(-1) == target).all()),
-                    "token_logprobs": token_lp.tolist(),  # per continuation token
-                    "top_ids": lp.argmax(-1).tolist(),  # the proxy's own choice at each position
-                    "top_logprobs": lp.max(-1).values.tolist(),
-                }
-            )
+            results += score_batch(self, requests[i : i + batch_size], alphas)
         return results

@@ -22,8 +22,8 @@ from core.errors import UserError, exit_on_user_error
 from core.registry import display_name
 from proxy.api import Served, create_app
 from proxy.batcher import Batcher
-from proxy.engine import ProxyEngine
 from proxy.build import build_engine
+from proxy.engine import ProxyEngine
 from proxy.options import generation_settings
 
 

@@ -1,0 +1,46 @@
+"""Scoring a given text under the proxy distribution (the paper's law: proxy.plausibility shapes what
+decoding picks, not the likelihood of a given text): what `ProxyEngine.score` and `score_tokens`, lm-eval's
+loglikelihood and the server's echo read."""
+from __future__ import annotations
+
+import torch
+
+from core.errors import UserError
+from proxy.streams import ModelStream, left_pad
+
+
+def score_batch(engine, requests, alphas=None) -> list[dict]:
+    """One batch of `ProxyEngine.score_tokens` requests: every stream runs once over context + continuation,
+    right-aligned, and the proxy's log-probabilities are read at the continuation's positions."""
+    conts = [list(c) for _, _, c in requests]
+    if any(len(c) == 0 for c in conts):
+        raise UserError("a continuation to score encodes to no tokens")
+    span = max(len(c) for c in conts)
+    logits = {}
+    for key, stream in engine.streams.items():
+        rows = []
+        for (text, ctx, _), cont in zip(requests, conts):
+            head = stream.encode(text) if stream.fmt is not None and text is not None else list(ctx)
+            rows.append((head or stream.empty_prompt_ids) + cont)
+        ids, mask = left_pad(rows, stream.pad_id)
+        # right-aligned rows: position -(n+1) predicts the continuation's first token in every stream
+        logits[key] = ModelStream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
+    # the paper's law: proxy.plausibility shapes what decoding picks, not the likelihood of a given text
+    logprobs = torch.log_softmax(engine.combine(logits, alphas, constrained=False), dim=-1)  # (B, span, V)
+    results = []
+    for row, cont in enumerate(conts):
+        n = len(cont)
+        target = torch.tensor(cont, device=logprobs.device)
+        lp = logprobs[row, span - n :]
+        token_lp = lp.gather(-1, target[:, None]).squeeze(-1)
+        results.append(
+            {
+                "logprob": float(token_lp.sum()),
+                "num_tokens": n,
+                "is_greedy": bool((lp.argmax(-1) == target).all()),
+                "token_logprobs": token_lp.tolist(),  # per continuation token
+                "top_ids": lp.argmax(-1).tolist(),  # the proxy's own choice at each position
+                "top_logprobs": lp.max(-1).values.tolist(),
+            }
+        )
+    return results
