@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.files import atomic_write_json
 
 RESULT_FILE = "result.json"
+CHECKPOINT_FILE = "checkpoint.jsonl"  # what an unfinished job has done so far (Checkpoint)
 HASHED_BYTES = 16 << 20  # files up to this size are hashed whole; larger ones (weights) by size and mtime
 # a checkpoint's card gains scores as evaluations finish; what of it matters to a run (the anti-expert,
 # the prompt format) enters the run's inputs by value instead (proxy.run.run_inputs)
@@ -113,3 +114,46 @@ def hydra_output_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.output_dir
+
+
+class Checkpoint:
+    """What a job has finished so far, one JSON record a line, appended as each piece finishes, so that the
+    same job run again after an interruption (same config, same inputs) goes on from there instead of
+    starting over. A checkpoint of another config or other inputs is dropped, as is a last line cut short."""
+
+    def __init__(self, path: str | Path, cfg: DictConfig, digest: str = ""):
+        self.path = Path(path)
+        self.key = f"{config_hash(cfg)}|{digest}"
+
+    def load(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines()
+        try:
+            if not lines or json.loads(lines[0]).get("checkpoint") != self.key:
+                return []
+        except (json.JSONDecodeError, AttributeError):
+            return []
+        records = []
+        for line in lines[1:]:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written when the job was killed
+                break
+        return records
+
+    def start(self, kept: list[dict[str, Any]]) -> None:
+        """Begin the file anew with the records kept from an earlier run (none: a fresh start)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(json.dumps({"checkpoint": self.key}) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def add(self, records: Iterable[dict[str, Any]]) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

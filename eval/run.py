@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from core.errors import UserError, exit_on_user_error
 from core.files import atomic_write_json, write_jsonl
-from core.jobs import hydra_output_dir, run_job
+from core.jobs import CHECKPOINT_FILE, Checkpoint, hydra_output_dir, run_job
 from core.registry import update_scores
 from eval import metrics as M
 from proxy.build import build_engine, resolve_pairs, run_inputs
@@ -46,8 +46,8 @@ def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
             "alpha": first.alpha, "variant": ", ".join(o for o in options if o) or None}
 
 
-def score_generation_task(engine, task, examples, settings, diagnostics: bool):
-    gens = engine.generate([e["prompt"] for e in examples], settings, diagnostics=diagnostics)
+def score_generation_task(engine, task, examples, settings, diagnostics: bool, checkpoint: Checkpoint | None = None):
+    gens = engine.generate([e["prompt"] for e in examples], settings, diagnostics=diagnostics, checkpoint=checkpoint)
     rows = []
     for e, g in zip(examples, gens):
         rows.append({"prompt": e["prompt"], "generation": g.text, "answers": e["answers"],
@@ -83,15 +83,19 @@ def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
     task = task_of(cfg)
     pairs = resolve_pairs(cfg)
 
+    digest = run_inputs(cfg, pairs, *task_files(task))
+
     def score(tracker) -> dict[str, Any]:
         engine, _ = build_engine(cfg, pairs)
-        rows = task_rows(cfg, task, engine, pairs)
+        checkpoint = Checkpoint(Path(out_dir) / CHECKPOINT_FILE, cfg, digest)  # an interrupted run goes on from it
+        rows = task_rows(cfg, task, engine, pairs, checkpoint)
         result = {task.metric: M.mean(r["score"] for r in rows), "num_examples": len(rows),
                   **engine.last_stats.metrics()}
         record = {"task": task.name, "split": eval_split(task), "metric": task.metric, **describe(cfg, pairs),
                   "metrics": result}
         write_jsonl(Path(out_dir) / "predictions.jsonl", rows)
         atomic_write_json(Path(out_dir) / METRICS_FILE, record)
+        checkpoint.remove()
         tracker.summary(result)
         tracker.table("predictions", [{k: r.get(k) for k in ("prompt", "generation", "prediction", "score")}
                                       for r in rows[:200]])
@@ -104,7 +108,6 @@ def evaluate(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
               f"({record['role']}); wrote {Path(out_dir) / METRICS_FILE}")
         return record
 
-    digest = run_inputs(cfg, pairs, *task_files(task))
     return run_job(cfg, out_dir, "eval", digest, str(Path(out_dir) / METRICS_FILE), score)
 
 
@@ -112,7 +115,8 @@ def eval_split(task: DictConfig) -> str:
     return str(task.get("eval_split") or task.get("split") or "train")
 
 
-def task_rows(cfg: DictConfig, task: DictConfig, engine, pairs) -> list[dict[str, Any]]:
+def task_rows(cfg: DictConfig, task: DictConfig, engine, pairs, checkpoint: Checkpoint | None = None
+              ) -> list[dict[str, Any]]:
     """Every evaluation example of the task, scored: by log-likelihood (MC1) or by generating."""
     if task.metric == "mc1":
         return score_multiple_choice(engine, task, load_records(task, "eval"))
@@ -120,7 +124,7 @@ def task_rows(cfg: DictConfig, task: DictConfig, engine, pairs) -> list[dict[str
     settings.stop = list(task.get("stop") or [])
     diagnostics = bool(cfg.proxy.diagnostics) and bool(pairs) and not cfg.proxy.get("speculative", {}).get("k")
     examples = [to_example(task, r, "eval", where=f"record {i + 1}") for i, r in enumerate(load_records(task, "eval"))]
-    return score_generation_task(engine, task, examples, settings, diagnostics)
+    return score_generation_task(engine, task, examples, settings, diagnostics, checkpoint)
 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")

@@ -21,7 +21,7 @@ from proxy.decoding import GenerationSettings
 from proxy.engine import ProxyEngine
 from proxy.prompts import Prompt
 from proxy.step import Row, Rows, next_tokens
-from proxy.streams import ModelStream, left_pad
+from proxy.streams import left_pad, open_stream
 from proxy.text import generated_text
 
 
@@ -95,7 +95,7 @@ class LiveBatch:
 
     def __init__(self, engine: ProxyEngine):
         self.engine = engine
-        self.runners = {key: ModelStream(s.model) for key, s in engine.streams.items()}
+        self.runners = {key: open_stream(s.model) for key, s in engine.streams.items()}
         self.members: list[LiveRow] = []
         self.rows = Rows([], engine.device, engine.pad_id)  # the live rows' proxy.step rows, in batch order
         self.logits: dict = {}
@@ -113,7 +113,7 @@ class LiveBatch:
         if not joining:
             return failed
         for key, stream in self.engine.streams.items():
-            fresh = ModelStream(stream.model)
+            fresh = open_stream(stream.model)
             logits = fresh.prefill(*left_pad([lr.request.encoded[key] for lr in joining], stream.pad_id))
             self.runners[key].join(fresh)
             self.logits[key] = logits if key not in self.logits else torch.cat([self.logits[key], logits])
@@ -143,7 +143,7 @@ class LiveBatch:
         self.members = [self.members[r] for r in keep]
         self.rows.select(keep)
         if not self.members:  # start afresh: the caches' layout may differ for the next requests
-            self.runners = {key: ModelStream(s.model) for key, s in self.engine.streams.items()}
+            self.runners = {key: open_stream(s.model) for key, s in self.engine.streams.items()}
             self.logits = {}
             return
         for key, runner in self.runners.items():

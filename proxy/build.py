@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from transformers import GenerationConfig
 
 from core.errors import UserError
 from core.jobs import inputs_digest
@@ -20,6 +21,7 @@ from core.registry import entries, resolve
 from proxy.engine import ProxyEngine, SteeringPair
 from proxy.options import check_alpha, check_proxy_options
 from proxy.prompts import CHAT, chat_expected
+from proxy.remote import RemoteBase, is_url
 from proxy.vocab import end_ids
 
 
@@ -103,15 +105,20 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
     `pairs`: the configured pairs, if already resolved."""
     check_proxy_options(cfg)
     pairs = resolve_pairs(cfg) if pairs is None else pairs
-    base_spec = resolve_spec(cfg.base, cfg.load.base)
-    tokenizer = load_tokenizer(base_spec)
+    local, served = base_options(cfg)
+    base_spec = resolve_spec(cfg.base, local) if served is None else None
+    tokenizer = load_tokenizer(base_spec) if base_spec else None
     shared = bool(cfg.proxy.get("shared_pair")) and len(pairs) > 0
     roles = {}
     for p in pairs[1:] if shared else pairs:
         roles.setdefault(p.expert, ("expert", resolve_spec(p.expert, cfg.load.expert)))
         roles.setdefault(p.anti_expert, ("anti_expert", resolve_spec(p.anti_expert, cfg.load.anti_expert)))
     tokenizers = {name: load_tokenizer(spec) for name, (_, spec) in roles.items()}
-    base = load_model(base_spec, role="base")
+    if base_spec is None:
+        base = served_base(cfg, pairs)
+        tokenizer = base.tokenizer
+    else:
+        base = load_model(base_spec, role="base")
     models = {name: load_model(spec, role=role) for name, (role, spec) in roles.items()}
     steering = []
     for i, p in enumerate(pairs):
@@ -139,6 +146,40 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
 
         return SpeculativeProxyEngine(base, tokenizer, steering, k=k, **options), pairs
     return ProxyEngine(base, tokenizer, steering, base_format=alone_format(cfg.base, steering), **options), pairs
+
+
+SERVED_OPTIONS = ("model", "tokenizer", "top_logprobs", "api_key_env", "timeout", "retries")
+
+
+def base_options(cfg: DictConfig) -> tuple[dict, dict | None]:
+    """`load.base` split into what loads a local base and what reaches a served one (None for a local
+    base, whose served options must stay unset)."""
+    load = dict(cfg.load.base or {})
+    served = {key: load.pop(key, None) for key in SERVED_OPTIONS}
+    if is_url(cfg.base):
+        return load, served
+    given = [key for key, value in served.items() if value is not None]
+    if given:
+        raise UserError(f"load.base.{given[0]} is for a served base (base=http://HOST:PORT/v1); "
+                        f"base={cfg.base} is loaded here")
+    return load, None
+
+
+def served_base(cfg: DictConfig, pairs: list[ResolvedPair]) -> RemoteBase:
+    """The base behind an OpenAI-compatible server, read with a local tokenizer: load.base.tokenizer, else
+    the expert's (RemoteBase checks it against the server's own tokenization)."""
+    _, served = base_options(cfg)
+    source = served["tokenizer"] or (pairs[0].expert if pairs else None)
+    if source is None:
+        raise UserError("a served base decoding alone needs its tokenizer: load.base.tokenizer=<folder or hub id>")
+    spec = resolve_spec(str(source))
+    try:
+        generation_config = GenerationConfig.from_pretrained(spec.path)
+    except OSError:  # none saved beside the tokenizer: the tokenizer's own special tokens
+        generation_config = None
+    options = {k: served[k] for k in ("timeout", "retries") if served[k] is not None}
+    return RemoteBase(str(cfg.base), load_tokenizer(spec), model=served["model"], top_logprobs=served["top_logprobs"],
+                      api_key_env=served["api_key_env"], generation_config=generation_config, **options)
 
 
 def alone_format(base: str, steering: list) -> str | None:

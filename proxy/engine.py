@@ -13,6 +13,8 @@ appended to every model's sequence.
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -20,13 +22,14 @@ from typing import Sequence
 import torch
 
 from core.errors import UserError
+from core.jobs import Checkpoint
 from proxy.combine import proxy_logits, shared_logits
 from proxy.decoding import DecodeRules, GenerationSettings
 from proxy.options import check_alpha, check_plausibility
 from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
 from proxy.scoring import score_batch
 from proxy.step import Generation, Rows, next_tokens
-from proxy.streams import ModelStream, left_pad, model_device
+from proxy.streams import left_pad, logit_width, model_device, open_stream
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
 __all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair"]
@@ -59,6 +62,7 @@ class DecodeStats:
     drafted: int = 0  # speculative decoding: drafts proposed and accepted
     accepted: int = 0
     per_model_forwards: dict[str, int] = field(default_factory=dict)
+    base_requests: int = 0  # a served base (proxy.remote): requests sent, one per row asked
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,6 +71,10 @@ class DecodeStats:
     @property
     def base_forwards_per_token(self) -> float | None:
         return self.row_forwards / self.new_tokens if self.new_tokens else None
+
+    @property
+    def requests_per_token(self) -> float | None:
+        return self.base_requests / self.new_tokens if self.base_requests and self.new_tokens else None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -81,11 +89,13 @@ class DecodeStats:
         for i, (key, runner) in enumerate(runners.items()):
             name = "base" if key == base_key else f"stream{i}"
             self.per_model_forwards[name] = self.per_model_forwards.get(name, 0) + runner.forwards
+            if getattr(runner, "remote", False):
+                self.base_requests += runner.forwards
 
     def metrics(self) -> dict[str, float]:
         """What a stage reports of its decoding: speed, and the ratios that apply."""
         out = {"tokens_per_s": round(self.tokens_per_s, 2)}
-        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token"):
+        for key in ("changed_share", "acceptance_rate", "base_forwards_per_token", "requests_per_token"):
             if getattr(self, key) is not None:
                 out[key] = round(getattr(self, key), 4)
         return out
@@ -140,12 +150,12 @@ class ProxyEngine:
             if pair.shared and pair.expert_format not in (None, "{prompt}"):
                 raise UserError("a shared LoRA pair reads one rendering of the prompt: drop proxy.expert_format")
         roles = {"base": tokenizer, **(tokenizers or {})}
-        widths = {"base": base.get_output_embeddings().weight.shape[0]}
+        widths = {"base": logit_width(base)}
         for pair in self.pairs:
             roles[f"expert '{pair.name}'"] = pair.tokenizer or tokenizer
             roles[f"anti-expert of '{pair.name}'"] = pair.anti_tokenizer or tokenizer
-            widths[f"expert '{pair.name}'"] = pair.expert.get_output_embeddings().weight.shape[0]
-            widths[f"anti-expert of '{pair.name}'"] = pair.anti_expert.get_output_embeddings().weight.shape[0]
+            widths[f"expert '{pair.name}'"] = logit_width(pair.expert)
+            widths[f"anti-expert of '{pair.name}'"] = logit_width(pair.anti_expert)
         self.vocab_size = shared_vocab_size(roles, widths)
         self.device = model_device(base)
         self.streams, self.base_key, self.pair_keys = self._stream_plan()
@@ -259,18 +269,29 @@ class ProxyEngine:
     # -- generation -------------------------------------------------------------------------------
     def generate(
         self, prompts: Sequence[str], settings: GenerationSettings | None = None, diagnostics: bool = False,
-        prompt_ids: Sequence[list[int]] | None = None,
+        prompt_ids: Sequence[list[int]] | None = None, checkpoint: Checkpoint | None = None,
     ) -> list[Generation]:
         """Decode every prompt (in batches of settings.batch_size). `prompt_ids`: the prompts already
-        tokenized by the base's tokenizer, for the streams that read them raw."""
+        tokenized by the base's tokenizer, for the streams that read them raw. `checkpoint`: each batch's
+        generations are added to it as they finish, and those it holds from an interrupted run of the same
+        job are taken instead of decoded again."""
         rules = self.rules(settings or GenerationSettings())
         stats = DecodeStats()
         start = time.perf_counter()
         out: list[Generation] = []
+        if checkpoint is not None:
+            out = [Generation(**r) for r in checkpoint.load()[: len(prompts)]]
+            out = out if all(g.prompt == p for g, p in zip(out, prompts)) else []
+            checkpoint.start([dataclasses.asdict(g) for g in out])
+            if out:
+                print(f"resuming: {len(out)} of {len(prompts)} prompts were decoded before", file=sys.stderr)
         batch_size = max(1, int(rules.settings.batch_size))
-        for i in range(0, len(prompts), batch_size):
+        for i in range(len(out), len(prompts), batch_size):
             ids = None if prompt_ids is None else prompt_ids[i : i + batch_size]
-            out += self._generate_batch(list(prompts[i : i + batch_size]), rules, diagnostics, stats, ids)
+            done = self._generate_batch(list(prompts[i : i + batch_size]), rules, diagnostics, stats, ids)
+            if checkpoint is not None:
+                checkpoint.add(dataclasses.asdict(g) for g in done)
+            out += done
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return out
@@ -279,7 +300,7 @@ class ProxyEngine:
         """Start every stream on its prompts: (first logits by key, local runners, the worker or None)."""
         worker = self._small_model_worker() if self.parallel else None
         local = [self.base_key] if worker else list(self.streams)
-        runners = {key: ModelStream(self.streams[key].model) for key in local}
+        runners = {key: open_stream(self.streams[key].model) for key in local}
         logits = worker.prefill({k: v for k, v in padded.items() if k != self.base_key}) if worker else {}
         for key, runner in runners.items():
             logits[key] = runner.prefill(*padded[key])
@@ -311,7 +332,7 @@ class ProxyEngine:
             stats.row_forwards += int(rows.active.sum())
             if worker:
                 worker.submit(rows.last)  # the small models step while the base does
-            logits = {key: runner.step(rows.last) for key, runner in runners.items()}
+            logits = {key: runner.step(rows.last, rows.active) for key, runner in runners.items()}
             if worker:
                 logits.update(worker.collect())
         stats.count_forwards(runners, self.base_key)

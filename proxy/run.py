@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from core.errors import UserError, exit_on_user_error
 from core.files import read_jsonl, write_jsonl
-from core.jobs import hydra_output_dir, run_job
+from core.jobs import CHECKPOINT_FILE, Checkpoint, hydra_output_dir, run_job
 from proxy.build import build_engine, resolve_pairs, run_inputs
 from proxy.options import generation_settings
 
@@ -33,15 +33,18 @@ def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
         raise UserError("no expert given: pass expert=<checkpoint folder or registered name>")
     pairs = resolve_pairs(cfg)
     out_path = Path(out_dir) / "generations.jsonl"
+    digest = run_inputs(cfg, pairs, cfg.get("prompts"))
 
     def decode(tracker) -> dict[str, Any]:
         settings = generation_settings(cfg.generation)
         prompts = read_prompts(cfg)
         engine, _ = build_engine(cfg, pairs)
-        gens = engine.generate(prompts, settings, diagnostics=cfg.proxy.diagnostics)
+        checkpoint = Checkpoint(Path(out_dir) / CHECKPOINT_FILE, cfg, digest)  # an interrupted run goes on from it
+        gens = engine.generate(prompts, settings, diagnostics=cfg.proxy.diagnostics, checkpoint=checkpoint)
         records = [{"prompt": g.prompt, "generation": g.text, "finish_reason": g.finish_reason,
                     **({"diagnostics": g.diagnostics} if cfg.proxy.diagnostics else {})} for g in gens]
         write_jsonl(out_path, records)
+        checkpoint.remove()
         stats = engine.last_stats
         metrics = {"num_prompts": len(prompts), "new_tokens": stats.new_tokens, "seconds": round(stats.seconds, 3),
                    "alpha": pairs[0].alpha, "anti_expert": pairs[0].anti_expert, **stats.metrics()}
@@ -50,7 +53,7 @@ def run(cfg: DictConfig, out_dir: str | None = None) -> dict[str, Any]:
         print(f"wrote {len(records)} generations to {out_path}")
         return metrics
 
-    return run_job(cfg, out_dir, "proxy", run_inputs(cfg, pairs, cfg.get("prompts")), str(out_path), decode)
+    return run_job(cfg, out_dir, "proxy", digest, str(out_path), decode)
 
 
 @hydra.main(config_path="../conf", config_name="proxy", version_base="1.3")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from core.errors import UserError
-from proxy.streams import ModelStream, left_pad
+from proxy.streams import left_pad, open_stream
 
 
 def score_batch(engine, requests, alphas=None) -> list[dict]:
@@ -16,6 +16,11 @@ def score_batch(engine, requests, alphas=None) -> list[dict]:
     if any(len(c) == 0 for c in conts):
         raise UserError("a continuation to score encodes to no tokens")
     span = max(len(c) for c in conts)
+    partial = [s.model for s in engine.streams.values() if not getattr(s.model, "covers_vocabulary", True)]
+    if partial:
+        raise UserError(f"scoring a given text needs the base's whole distribution, and {partial[0].url} gives its "
+                        f"top {partial[0].top_logprobs} of {partial[0].vocab_size} tokens; serve it with every "
+                        "log-probability (vLLM: --max-logprobs -1) and set load.base.top_logprobs to the vocabulary")
     logits = {}
     for key, stream in engine.streams.items():
         rows = []
@@ -24,7 +29,7 @@ def score_batch(engine, requests, alphas=None) -> list[dict]:
             rows.append((head or stream.empty_prompt_ids) + cont)
         ids, mask = left_pad(rows, stream.pad_id)
         # right-aligned rows: position -(n+1) predicts the continuation's first token in every stream
-        logits[key] = ModelStream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
+        logits[key] = open_stream(stream.model).prefill(ids, mask, last=span + 1)[:, :-1]
     # the paper's law: proxy.plausibility shapes what decoding picks, not the likelihood of a given text
     logprobs = torch.log_softmax(engine.combine(logits, alphas, constrained=False), dim=-1)  # (B, span, V)
     results = []

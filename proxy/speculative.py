@@ -19,7 +19,7 @@ from core.errors import UserError
 from proxy.decoding import DecodeRules
 from proxy.engine import DecodeStats, ProxyEngine
 from proxy.step import Rows
-from proxy.streams import AttentionLayout, ModelStream
+from proxy.streams import AttentionLayout, open_stream
 
 K_MAX = 8
 
@@ -95,7 +95,7 @@ class SpeculativeBatch:
         self.engine, self.padded, self.rules, self.stats = engine, padded, rules, stats
         self.draft_key = engine.pair_keys[0][0]
         self.shared = engine.pairs[0].shared
-        self.runners = {key: ModelStream(s.model) for key, s in engine.streams.items()}
+        self.runners = {key: open_stream(s.model) for key, s in engine.streams.items()}
         # rows advance by different numbers of tokens: no common rectangle of ids
         self.rows = Rows.batch(rules, *padded[engine.base_key], engine.pad_id, aligned=False)
 
@@ -142,7 +142,7 @@ class SpeculativeBatch:
                                    last=drafted.shape[1] + 1)
                     for key, r in self.runners.items() if key != self.draft_key}
         fed = torch.cat([pending[:, None], drafted], 1)  # (B, k+1)
-        return {key: r.feed(fed) for key, r in self.runners.items() if key != self.draft_key}
+        return {key: r.feed(fed, self.rows.active) for key, r in self.runners.items() if key != self.draft_key}
 
     def accept(self, drafted, draft_logits, verify) -> tuple[torch.Tensor, torch.Tensor]:
         """How many drafts each row keeps (B,), and the proxy's token after them (B,)."""

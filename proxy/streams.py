@@ -55,8 +55,22 @@ def cache_argument(model) -> str:
 
 
 def model_device(model) -> torch.device:
-    """The device of the input embeddings, where input ids must go."""
+    """The device of the input embeddings, where input ids must go (a served base's scores arrive on the CPU)."""
+    if getattr(model, "remote", False):
+        return model.device
     return model.get_input_embeddings().weight.device
+
+
+def logit_width(model) -> int:
+    """How many logits a model gives per position (a served base: its tokenizer's vocabulary)."""
+    if getattr(model, "remote", False):
+        return model.vocab_size
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def open_stream(model) -> "ModelStream":
+    """A model reading a batch with its own KV cache; a served base (proxy.remote) brings its own kind."""
+    return model.open_stream() if hasattr(model, "open_stream") else ModelStream(model)
 
 
 class AttentionLayout:
@@ -148,8 +162,9 @@ class ModelStream:
         return logits[:, -1] if last == 1 else logits[:, -last:]
 
     @torch.inference_mode()
-    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed n new tokens per row (B, n) at the next logical positions; return their logits (B, n, V)."""
+    def feed(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed n new tokens per row (B, n) at the next logical positions; return their logits (B, n, V).
+        (`active`: the rows that go on; the batch runs as one forward anyway.)"""
         tokens = tokens.to(self.device)
         n = tokens.shape[1]
         positions = self.next_pos + torch.arange(n, device=self.device)
@@ -159,7 +174,7 @@ class ModelStream:
         self.next_pos = self.next_pos + n
         return logits
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one new token per row (B,); return the next logits (B, V)."""
         return self.feed(tokens[:, None])[:, -1]
 

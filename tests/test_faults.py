@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, ROOT, assert_one_error_line, run_in_process
+from helpers import FIXTURES, ROOT, assert_one_error_line, compose_app, run_in_process
 
 from proxy.run import run as proxy_run
 
@@ -254,3 +254,35 @@ def test_a_successful_proxy_run_prints_no_warning(tiny_family, prompts_file, tmp
     assert "wrote 2 generations" in out
     warned = [line for line in err.splitlines() if "warn" in line.lower()]
     assert not warned, "\n".join(warned)
+
+
+def test_a_run_interrupted_mid_way_goes_on_from_the_prompts_it_finished(tiny_family, prompts, tmp_path, monkeypatch):
+    """A run killed after some batches (a served base that went away, a lost node), run again, decodes only
+    the prompts it had not finished, and writes what an uninterrupted run writes."""
+    from proxy.engine import ProxyEngine
+    from proxy.run import run
+
+    prompts = prompts + [" the lazy dog", " a b"]  # three batches of two
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    cfg = compose_app("proxy", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
+                      f"anti_expert={tiny_family.small}", f"prompts={path}", "logger=none",
+                      "generation.max_new_tokens=6", "generation.batch_size=2")
+    run(cfg, out_dir=str(tmp_path / "whole"))
+    batches, real = [], ProxyEngine._generate_batch
+
+    def dies_at_the_third_batch(self, batch, *args, **kwargs):
+        batches.append(list(batch))
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return real(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(ProxyEngine, "_generate_batch", dies_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out_dir=str(tmp_path / "cut"))
+    assert (tmp_path / "cut" / "checkpoint.jsonl").exists() and not (tmp_path / "cut" / "generations.jsonl").exists()
+    batches.clear()
+    run(cfg, out_dir=str(tmp_path / "cut"))
+    assert batches == [prompts[4:6]]  # only the last batch was decoded again
+    assert (tmp_path / "cut" / "generations.jsonl").read_text() == (tmp_path / "whole" / "generations.jsonl").read_text()
+    assert not (tmp_path / "cut" / "checkpoint.jsonl").exists()
