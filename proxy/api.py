@@ -1,16 +1,18 @@
 """The proxy-tuned model over HTTP, in OpenAI's protocol (what vLLM, TGI, llama.cpp and Ollama serve), and a
 page at `/` that shows, token by token, what the expert pair changed.
 
-- GET  /v1/models
+- GET  /v1/models             each model with its max_model_len (prompt + generation), as vLLM lists it
 - POST /v1/completions        prompt: a string, a list of them, token ids or lists of token ids
 - POST /v1/chat/completions   messages, rendered with the expert's chat template for the expert
 Both take max_tokens, temperature (0 = greedy), top_p, stop, seed (without one each request samples anew),
 stream (server-sent events ending in `data: [DONE]`, with stream_options.include_usage), logprobs (completions:
-a count, with echo; chat: logprobs/top_logprobs) and `alpha` to steer with another strength. Log-probabilities
-are the proxy distribution's, softmax(s_base + alpha (s_expert - s_anti)), before temperature and top_p.
-Extension: `diagnostics: true` adds, per token, the base's own choice, whether the proxy changed it and
-KL(proxy || base). Errors are OpenAI's error JSON: 400 for a bad request, 404/405 for a wrong route, 503 for a
-full queue.
+a count, with echo; chat: logprobs/top_logprobs; any count up to the vocabulary, -1 for all of it, as vLLM
+serving with --max-logprobs -1) and `alpha` to steer with another strength. Log-probabilities are the proxy
+distribution's, softmax(s_base + alpha (s_expert - s_anti)), before temperature and top_p. vLLM's dialect:
+`return_tokens_as_token_ids: true` writes every token and alternative as "token_id:N" (texts can tie), and
+`echo` with `max_tokens: 0` scores the prompt alone. Extension: `diagnostics: true` adds, per token, the base's
+own choice, whether the proxy changed it and KL(proxy || base). Errors are OpenAI's error JSON: 400 for a bad
+request, 404/405 for a wrong route, 503 for a full queue.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+import torch
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +38,7 @@ from core.errors import UserError
 from proxy.batcher import Batcher, Busy, Request
 from proxy.decoding import GenerationSettings
 from proxy.options import check_alpha
+from proxy.scoring import score_batch
 from proxy.text import generated_text
 
 PAGE = Path(__file__).with_name("page.html")
@@ -66,6 +70,7 @@ class RequestBody(BaseModel):
     n: int = 1
     alpha: Any = None
     diagnostics: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: tokens written "token_id:N", never ambiguous
 
 
 class CompletionBody(RequestBody):
@@ -202,29 +207,39 @@ class Endpoints:
 
     async def list_models(self):
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "proxy-tuning",
-                                            "role": m.role} for m in self.models]}
+                                            "role": m.role, "max_model_len": max_model_len(m.batcher.engine)}
+                                           for m in self.models]}
 
     async def completions(self, body: CompletionBody, http: HttpRequest):
         model = self.served(body.model)
-        settings = settings_for(self.defaults, body, body.max_tokens)
-        if body.logprobs is not None and not 0 <= body.logprobs <= 20:
-            raise BadRequest(f"logprobs must be between 0 and 20, got {body.logprobs}", "logprobs")
+        # vLLM's echo without generation: the prompt scored, and one token decoded (and counted) but not returned
+        echo_only = body.echo and body.max_tokens == 0
+        settings = settings_for(self.defaults, body, 1 if echo_only else body.max_tokens)
+        top = logprob_count(body.logprobs, "logprobs", model.batcher.engine.vocab_size)
         prompts = completion_prompts(body.prompt, model.batcher.engine.tokenizer)
+        exchange = await self.start(model, prompts, settings, body, top)
         echoed = None
-        if body.echo and body.logprobs is not None:
-            echoed = await echo_logprobs(model, prompts, steering(model, body))
-        exchange = await self.start(model, prompts, settings, body, body.logprobs)
+        if body.echo and top is not None:
+            try:
+                echoed = await echo_logprobs(model, prompts, steering(model, body), top)
+            except BaseException as err:
+                model.batcher.cancel(exchange.requests)
+                if isinstance(err, UserError):  # a base that cannot score a given text (proxy.remote's top-K)
+                    raise BadRequest(str(err), "echo") from None
+                raise
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return sse(completion_chunks(exchange.events(http), head, body, prompts))
+            return sse(completion_chunks(exchange.events(http), head, body, prompts, echoed, echo_only))
         choices, usage = await collect(exchange.events(http), len(prompts))
         out = []
         for i, choice in enumerate(choices):
-            text = (prompt_text(prompts[i]) if body.echo else "") + choice["text"]
+            tokens, generated = ([], "") if echo_only else (choice["tokens"], choice["text"])
+            text = (prompt_text(prompts[i]) if body.echo else "") + generated
             item = {"index": i, "text": text, "finish_reason": choice["finish_reason"], "logprobs": None}
-            if body.logprobs is not None:
-                item["logprobs"] = completion_logprobs(choice["tokens"], echoed[i] if echoed else None)
+            if top is not None:
+                item["logprobs"] = completion_logprobs(tokens, echoed[i] if echoed else None,
+                                                       as_ids=body.return_tokens_as_token_ids)
             if body.diagnostics:
                 item["diagnostics"] = choice["diagnostics"]
             out.append(item)
@@ -233,15 +248,15 @@ class Endpoints:
     async def chat(self, body: ChatBody, http: HttpRequest):
         model = self.served(body.model)
         settings = settings_for(self.defaults, body, body.max_completion_tokens or body.max_tokens)
-        top = chat_top_logprobs(body)
+        top = chat_top_logprobs(body, model.batcher.engine.vocab_size)
         exchange = await self.start(model, [(chat_messages(body.messages), None)], settings, body, top)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model.name}
         if body.stream:
-            return sse(chat_chunks(exchange.events(http), {**head, "object": "chat.completion.chunk"}, body))
+            return sse(chat_chunks(exchange.events(http), {**head, "object": "chat.completion.chunk"}, body, top))
         choices, usage = await collect(exchange.events(http), 1)
         out = [{"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
-                "logprobs": chat_logprobs(c["tokens"], body.top_logprobs or 0) if body.logprobs else None,
+                "logprobs": chat_logprobs(c["tokens"], top, body.return_tokens_as_token_ids) if body.logprobs else None,
                 **({"diagnostics": c["diagnostics"]} if body.diagnostics else {})} for i, c in enumerate(choices)]
         return {**head, "choices": out, "usage": usage}
 
@@ -329,75 +344,116 @@ def chat_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def chat_top_logprobs(body: ChatBody) -> int | None:
+def max_model_len(engine) -> int | None:
+    """The longest prompt + generation the model takes (vLLM's max_model_len): the shortest context of the
+    models it runs, since a request is checked against each (None: none of them says)."""
+    limits = [engine.context_limit(stream.model) for stream in engine.streams.values()]
+    return min((n for n in limits if n is not None), default=None)
+
+
+def logprob_count(count: int | None, param: str, vocab_size: int) -> int | None:
+    """How many alternatives a position's logprobs carry: as vLLM serving with --max-logprobs -1, any count
+    up to the vocabulary, and -1 for all of it."""
+    if count is None:
+        return None
+    if count == -1:
+        return vocab_size
+    if count < 0:
+        raise BadRequest(f"{param} must be 0 or more (or -1 for the whole vocabulary), got {count}", param)
+    if count > vocab_size:  # vLLM's words, and the limit's reason
+        raise BadRequest(f"Requested sample logprobs of {count}, which is greater than max allowed: {vocab_size} "
+                         f"(the model's vocabulary; -1 asks for all of it)", param)
+    return count
+
+
+def chat_top_logprobs(body: ChatBody, vocab_size: int) -> int | None:
     """How many alternatives each token's logprobs carry; None when the request wants no logprobs."""
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-        raise BadRequest(f"top_logprobs must be between 0 and 20, got {body.top_logprobs}", "top_logprobs")
-    return (body.top_logprobs or 0) if body.logprobs else None
+    return (logprob_count(body.top_logprobs, "top_logprobs", vocab_size) or 0) if body.logprobs else None
 
 
 def prompt_text(prompt: tuple[str, list[int] | None]) -> str:
     return prompt[0]
 
 
-async def echo_logprobs(model: Served, prompts, alpha: float | None) -> list[dict]:
-    """Each prompt's own tokens with their log-probabilities under the model at this strength (the first
-    token has none)."""
+async def echo_logprobs(model: Served, prompts, alpha: float | None, top: int) -> list[dict]:
+    """Each prompt's own tokens with their log-probabilities under the model at this strength, and at each
+    position the `top` likeliest tokens, (text, logprob, id) best first (the first token has none)."""
     engine = model.batcher.engine
+    alphas = [alpha] + [p.alpha for p in engine.pairs[1:]] if alpha is not None and engine.pairs else None
 
+    @torch.inference_mode()
     def score():
         out = []
         for text, ids in prompts:
             ids = ids if ids is not None else engine.encode(text)
             tokens = [generated_text(engine.tokenizer, [i]) for i in ids]
             offsets = [len(engine.tokenizer.decode(ids[:i])) for i in range(len(ids))]
-            echoed = {"tokens": tokens, "offsets": offsets, "end": len(engine.tokenizer.decode(ids)),
+            echoed = {"ids": list(ids), "tokens": tokens, "offsets": offsets, "end": len(engine.tokenizer.decode(ids)),
                       "token_logprobs": [None] * len(ids), "top": [None] * len(ids)}
             if len(ids) > 1:
-                s = engine.score_tokens([(text, ids[:1], ids[1:])], alpha=alpha)[0]
-                top = [{generated_text(engine.tokenizer, [i]): lp} for i, lp in zip(s["top_ids"], s["top_logprobs"])]
-                echoed.update(token_logprobs=[None] + s["token_logprobs"], top=[None] + top)
+                s = score_batch(engine, [(text, ids[:1], ids[1:])], alphas, top_k=top)[0]
+                ranked = zip(s["top_k_ids"], s["top_k_logprobs"]) if top else [((), ())] * (len(ids) - 1)
+                alternatives = [[(generated_text(engine.tokenizer, [i]), lp, i) for i, lp in zip(best, lps)]
+                                for best, lps in ranked]
+                echoed.update(token_logprobs=[None] + s["token_logprobs"], top=[None] + alternatives)
             out.append(echoed)
         return out
 
     return await asyncio.wrap_future(model.batcher.run(score))
 
 
-def completion_logprobs(tokens: list[dict], echoed: dict | None, offset: int = 0) -> dict:
-    """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs, text_offset (from offset, the
-    length of the text before these tokens)."""
+def completion_logprobs(tokens: list[dict], echoed: dict | None, offset: int = 0, as_ids: bool = False) -> dict:
+    """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs (the alternatives and the token
+    itself), text_offset (from offset, the length of the text before these tokens). `as_ids`: tokens and
+    keys written "token_id:N" (vLLM's return_tokens_as_token_ids)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     if echoed is not None:
-        out.update(tokens=list(echoed["tokens"]), token_logprobs=list(echoed["token_logprobs"]),
-                   top_logprobs=list(echoed["top"]), text_offset=list(echoed["offsets"]))
+        for token_id, text, logprob, top, at in zip(echoed["ids"], echoed["tokens"], echoed["token_logprobs"],
+                                                    echoed["top"], echoed["offsets"]):
+            out["tokens"].append(token_name(text, token_id, as_ids))
+            out["token_logprobs"].append(None if logprob is None else finite(logprob))
+            out["top_logprobs"].append(None if top is None else alternatives(top, (text, logprob, token_id), as_ids))
+            out["text_offset"].append(at)
         offset = echoed["end"]
     for t in tokens:
-        out["tokens"].append(t.get("token", ""))
-        out["token_logprobs"].append(t.get("logprob"))
-        out["top_logprobs"].append(by_text(t["top_logprobs"]) if "top_logprobs" in t else None)
+        out["tokens"].append(token_name(t["token"], t["token_id"], as_ids))
+        out["token_logprobs"].append(finite(t["logprob"]))
+        out["top_logprobs"].append(alternatives(t["top_logprobs"], (t["token"], t["logprob"], t["token_id"]), as_ids))
         out["text_offset"].append(offset)
         offset += len(t["text"])
     return out
 
 
-def by_text(alternatives: list[tuple[str, float]]) -> dict[str, float]:
-    """The completion form's {text: logprob}: of tokens that print alike, the likeliest (they come best first)."""
+def token_name(text: str, token_id: int, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else text
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # as vLLM writes -inf: JSON has no infinity
+
+
+def alternatives(top: list[tuple[str, float, int]], token: tuple[str, float, int], as_ids: bool) -> dict[str, float]:
+    """The completion form's {token: logprob}: the position's own token, then the top alternatives best
+    first, as vLLM orders them (up to logprobs + 1 entries, as in OpenAI's). By text, tokens that print
+    alike share the first one's key; by id, every one has its own."""
     out: dict[str, float] = {}
-    for text, logprob in alternatives:
-        out.setdefault(text, logprob)
+    for text, logprob, token_id in [token, *top]:
+        out.setdefault(token_name(text, token_id, as_ids), finite(logprob))
     return out
 
 
-def chat_logprobs(tokens: list[dict], top: int) -> dict:
-    """OpenAI's chat logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
+def chat_logprobs(tokens: list[dict], top: int, as_ids: bool = False) -> dict:
+    """OpenAI's chat logprobs: per token its text (or "token_id:N"), logprob, UTF-8 bytes of its text and
+    top alternatives."""
 
-    def entry(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    def entry(text: str, logprob: float, token_id: int) -> dict:
+        return {"token": token_name(text, token_id, as_ids), "logprob": finite(logprob),
+                "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(t["token"], t["logprob"]),
-                         "top_logprobs": [entry(text, lp) for text, lp in t["top_logprobs"][:top]]} for t in tokens]}
+    return {"content": [{**entry(t["token"], t["logprob"], t["token_id"]),
+                         "top_logprobs": [entry(*alt) for alt in t["top_logprobs"][:top]]} for t in tokens]}
 
 
 async def collect(events, n: int) -> tuple[list[dict], dict]:
@@ -445,22 +501,27 @@ def usage_chunk(head: dict, usage: dict) -> dict:
     return {**head, "choices": [], "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
 
 
-async def completion_chunks(events, head: dict, body, prompts):
+async def completion_chunks(events, head: dict, body, prompts, echoed=None, echo_only: bool = False):
     offsets = [0] * len(prompts)  # each choice's text so far, for text_offset
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    as_ids = body.return_tokens_as_token_ids
     if body.echo:
         for i, p in enumerate(prompts):
             offsets[i] = len(prompt_text(p))
-            yield {**head, "choices": [{"index": i, "text": prompt_text(p), "logprobs": None, "finish_reason": None}]}
+            logprobs = completion_logprobs([], echoed[i], as_ids=as_ids) if echoed else None
+            echoed_choice = {"index": i, "text": prompt_text(p), "logprobs": logprobs, "finish_reason": None}
+            yield {**head, "choices": [echoed_choice]}
     async for index, event in events:
         choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
         if event["type"] == "error":
             yield {**head, "error": {"message": event["message"], "type": "server_error"}}
             return
         if event["type"] == "token":
+            if echo_only:
+                continue
             choice["text"] = event["text"]
             if body.logprobs is not None:
-                choice["logprobs"] = completion_logprobs([event], None, offsets[index])
+                choice["logprobs"] = completion_logprobs([event], None, offsets[index], as_ids)
             offsets[index] += len(event["text"])
             if body.diagnostics and "diagnostics" in event:
                 choice["diagnostics"] = event["diagnostics"]
@@ -473,7 +534,8 @@ async def completion_chunks(events, head: dict, body, prompts):
         yield usage_chunk(head, usage)
 
 
-async def chat_chunks(events, head: dict, body):
+async def chat_chunks(events, head: dict, body, top: int | None):
+    as_ids = body.return_tokens_as_token_ids
     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     async for index, event in events:
@@ -482,7 +544,7 @@ async def chat_chunks(events, head: dict, body):
             return
         if event["type"] == "token":
             choice = {"index": index, "delta": {"content": event["text"]}, "finish_reason": None,
-                      "logprobs": chat_logprobs([event], body.top_logprobs or 0) if body.logprobs else None}
+                      "logprobs": chat_logprobs([event], top, as_ids) if body.logprobs else None}
             if body.diagnostics and "diagnostics" in event:
                 choice["diagnostics"] = event["diagnostics"]
         else:

@@ -9,9 +9,10 @@ from core.errors import UserError
 from proxy.streams import left_pad, open_stream
 
 
-def score_batch(engine, requests, alphas=None) -> list[dict]:
+def score_batch(engine, requests, alphas=None, top_k: int = 0) -> list[dict]:
     """One batch of `ProxyEngine.score_tokens` requests: every stream runs once over context + continuation,
-    right-aligned, and the proxy's log-probabilities are read at the continuation's positions."""
+    right-aligned, and the proxy's log-probabilities are read at the continuation's positions. `top_k`:
+    also the k likeliest tokens at each position, best first (the server's echo with `logprobs: k`)."""
     conts = [list(c) for _, _, c in requests]
     if any(len(c) == 0 for c in conts):
         raise UserError("a continuation to score encodes to no tokens")
@@ -48,4 +49,7 @@ def score_batch(engine, requests, alphas=None) -> list[dict]:
                 "top_logprobs": lp.max(-1).values.tolist(),
             }
         )
+        if top_k:
+            top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)  # (n, k)
+            results[-1].update(top_k_ids=top.indices.tolist(), top_k_logprobs=top.values.tolist())
     return results

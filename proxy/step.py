@@ -186,7 +186,8 @@ class Rows:
         """For each row that asks, what its token was chosen from: the base's own top token and the
         proxy's, whether the proxy changed it, the offset's size and KL(proxy || base) (diagnostics); the
         token's log-probability and the top alternatives under the proxy distribution, before the
-        processors (logprobs). base, scores: (B, V) over the shared vocabulary."""
+        processors (logprobs: `top_logprobs`, [(text, logprob, id)] best first; the id because tokens that
+        print alike differ). base, scores: (B, V) over the shared vocabulary."""
         asking = [r for r, row in enumerate(self.rows) if row.reason is None and row.recording]
         if not asking:
             return
@@ -203,10 +204,10 @@ class Rows:
                              changed=bool(diag["changed"][r]), offset_norm=round(float(diag["offset_norm"][r]), 4),
                              kl_proxy_base=round(float(diag["kl_proxy_base"][r]), 5))
             if row.logprobs is not None:
-                top = logprobs[r].topk(max(1, row.logprobs))
+                top = logprobs[r].topk(min(row.logprobs, logprobs.shape[-1]))
                 entry.update(logprob=float(logprobs[r, token]), token=generated_text(tokenizer, [token]),
-                             top_logprobs=[(generated_text(tokenizer, [int(i)]), float(v))
-                                           for v, i in zip(top.values, top.indices)])
+                             top_logprobs=[(generated_text(tokenizer, [i]), v, i)
+                                           for v, i in zip(top.values.tolist(), top.indices.tolist())])
             row.records.append(entry)
 
     def advance(self, tokens: torch.Tensor) -> int:

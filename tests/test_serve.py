@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from helpers import compose_app
 
 from proxy.api import Served, create_app
@@ -61,9 +62,12 @@ def offline(service, prompts, alpha=None, max_tokens=24, stop=()):
     return [g.text for g in gens]
 
 
-def test_the_models_are_the_proxy_the_base_and_the_expert(client):
-    roles = {m.id: m.model_extra["role"] for m in client.models.list().data}
+def test_the_models_are_the_proxy_the_base_and_the_expert(client, models):
+    listed = client.models.list().data
+    roles = {m.id: m.model_extra["role"] for m in listed}
     assert roles["tiny-proxy"] == "proxy" and sorted(roles.values()) == ["base", "expert", "proxy"]
+    # as vLLM lists it: the longest prompt + generation (every tiny model has the same context)
+    assert {m.model_extra["max_model_len"] for m in listed} == {models["large"].config.max_position_embeddings}
 
 
 def test_greedy_completions_are_what_proxy_run_writes(service, client, tiny_family, tmp_path, config):
@@ -131,7 +135,8 @@ def test_stop_seed_logprobs_and_diagnostics(service, client):
     ({"model": "tiny-proxy", "prompt": " the" * 300}, "exceeds the model's context"),
     ({"model": "tiny-proxy"}, "prompt"),
     ({"model": "tiny-proxy", "prompt": "x", "temperature": 0.7, "top_p": 1.5}, "top_p"),
-    ({"model": "tiny-proxy", "prompt": "x", "logprobs": 21}, "logprobs must be between 0 and 20"),
+    ({"model": "tiny-proxy", "prompt": "x", "logprobs": 10**6}, "which is greater than max allowed: "),
+    ({"model": "tiny-proxy", "prompt": "x", "logprobs": -2}, "logprobs must be 0 or more"),
     ({"model": "tiny-proxy", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "this server reads text only"),
     ({"model": "tiny-proxy", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
@@ -194,6 +199,131 @@ def test_echo_logprobs_follow_the_strength_and_unseeded_samples_differ(service, 
     samples = {client.completions.create(model="tiny-proxy", prompt=QUESTIONS[0], max_tokens=12,
                                          temperature=1.5).choices[0].text for _ in range(4)}
     assert len(samples) > 1
+
+
+def token_ids(names) -> list[int]:
+    """vLLM's return_tokens_as_token_ids names ("token_id:N") as ids; fails on any other form."""
+    out = []
+    for name in names:
+        kind, _, number = name.partition(":")
+        assert kind == "token_id" and number.isdigit(), name
+        out.append(int(number))
+    return out
+
+
+def by_id(top: dict[str, float]) -> dict[int, float]:
+    return dict(zip(token_ids(top), top.values()))
+
+
+def own_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of a model's own logits at every position of ids (L, V): one plain transformers forward."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def completion(service, **body) -> dict:
+    answer = httpx.post(f"{service['url']}/v1/completions", json={"temperature": 0, **body}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_the_base_alone_gives_every_next_token_log_probability_by_token_id(service, models):
+    """What a client steering this server's base reads at each step (vLLM's dialect): for a token-id prompt,
+    with logprobs = the vocabulary and return_tokens_as_token_ids, every id's log-probability is log_softmax
+    of the base's own logits. By text, tokens that print alike fold into one key; by id, none do."""
+    base, vocab = service["models"]["base"].name, service["models"]["base"].batcher.engine.vocab_size
+    ids = models["tok"](QUESTIONS[1])["input_ids"]
+    want = own_logprobs(models["large"], ids)[-1]
+    assert want.shape == (vocab,)
+    for count in (vocab, -1):  # -1: all of it, as vLLM
+        lp = completion(service, model=base, prompt=ids, max_tokens=1, logprobs=count,
+                        return_tokens_as_token_ids=True)["choices"][0]["logprobs"]
+        (top,) = lp["top_logprobs"]
+        got = by_id(top)
+        assert sorted(got) == list(range(vocab))
+        assert (torch.tensor([got[i] for i in range(vocab)]) - want).abs().max() < 1e-5
+        (chosen,) = token_ids(lp["tokens"])
+        assert chosen == int(want.argmax()) and abs(lp["token_logprobs"][0] - float(want[chosen])) < 1e-5
+    by_text = completion(service, model=base, prompt=ids, max_tokens=1, logprobs=vocab)["choices"][0]["logprobs"]
+    assert len(by_text["top_logprobs"][0]) < vocab
+
+
+def test_an_echoed_token_id_prompt_carries_the_top_k_of_every_position(service, models):
+    """vLLM's echo with logprobs k (what a speculative client sends to check its drafts): every prompt
+    position but the first holds its own token and the k likeliest, each at log_softmax of the base's
+    logits there; with max_tokens 0 the prompt alone comes back. The proxy model's echo has as its likeliest
+    the top token of ProxyEngine.score_tokens at the request's strength."""
+    base, vocab = service["models"]["base"].name, service["models"]["base"].batcher.engine.vocab_size
+    ids = models["tok"](QUESTIONS[1])["input_ids"]
+    for k, max_tokens in ((vocab, 1), (3, 0), (0, 2)):
+        choice = completion(service, model=base, prompt=ids, max_tokens=max_tokens, echo=True, logprobs=k,
+                            return_tokens_as_token_ids=True)["choices"][0]
+        lp = choice["logprobs"]
+        seq = token_ids(lp["tokens"])  # the prompt, then what was generated
+        assert len(seq) == len(lp["top_logprobs"]) == len(ids) + max_tokens and seq[: len(ids)] == ids
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = own_logprobs(models["large"], seq)  # position i - 1 predicts token i
+        for i in range(1, len(seq)):
+            got = by_id(lp["top_logprobs"][i])
+            assert next(iter(got)) == seq[i]  # vLLM's order: the position's own token, then the best
+            assert set(got) == {*want[i - 1].topk(k).indices.tolist(), seq[i]}
+            assert max(abs(v - float(want[i - 1, j])) for j, v in got.items()) < 1e-5
+            assert abs(lp["token_logprobs"][i] - float(want[i - 1, seq[i]])) < 1e-5
+        if max_tokens == 0:
+            assert choice["text"] == models["tok"].decode(ids)
+
+    engine = service["models"]["proxy"].batcher.engine
+    (scored,) = engine.score_tokens([(None, ids[:1], ids[1:])], alpha=1.7)
+    echoed = completion(service, model="tiny-proxy", prompt=ids, max_tokens=1, echo=True, logprobs=2, alpha=1.7,
+                        return_tokens_as_token_ids=True)["choices"][0]["logprobs"]
+    heads = [max(by_id(top).items(), key=lambda kv: kv[1]) for top in echoed["top_logprobs"][1: len(ids)]]
+    assert [i for i, _ in heads] == scored["top_ids"]
+    assert [v for _, v in heads] == pytest.approx(scored["top_logprobs"], abs=1e-5)
+
+
+def test_logprobs_beyond_the_vocabulary_are_refused_with_the_limit(service, client):
+    vocab = service["models"]["base"].batcher.engine.vocab_size
+    asks = [("completions", {"prompt": [1, 2, 3], "logprobs": vocab + 1}, "logprobs"),
+            ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                  "top_logprobs": vocab + 1}, "top_logprobs")]
+    for route, body, param in asks:
+        answer = httpx.post(f"{service['url']}/v1/{route}", json={"model": "tiny-proxy", **body}, timeout=60)
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["param"] == param
+        assert error["message"].startswith(f"Requested sample logprobs of {vocab + 1}, which is greater than max "
+                                           f"allowed: {vocab} (the model's vocabulary")
+    with pytest.raises(openai.BadRequestError, match=f"greater than max allowed: {vocab}"):
+        client.completions.create(model="tiny-proxy", prompt="x", max_tokens=1, logprobs=vocab + 1)
+
+
+def test_the_openai_client_reads_token_id_answers_plain_streamed_and_chat(service, client, models):
+    """return_tokens_as_token_ids through the official client: the echoed and generated ids are the prompt's
+    and the base's greedy ones, streamed as whole; chat's tokens and alternatives are ids too."""
+    base, vocab = service["models"]["base"].name, service["models"]["base"].batcher.engine.vocab_size
+    ids = models["tok"](QUESTIONS[0])["input_ids"]
+    engine = service["models"]["proxy"].batcher.engine
+    pair = engine.pairs[0]
+    old, pair.alpha = pair.alpha, 0.0
+    try:
+        (greedy,) = engine.generate([QUESTIONS[0]], GenerationSettings(max_new_tokens=6, stop=[]), prompt_ids=[ids])
+    finally:
+        pair.alpha = old
+    ask = dict(model=base, prompt=ids, max_tokens=6, temperature=0, logprobs=vocab, stop=[],
+               extra_body={"return_tokens_as_token_ids": True})
+    lp = client.completions.create(**ask, echo=True).choices[0].logprobs
+    generated = token_ids(lp.tokens)[len(ids):]
+    assert token_ids(lp.tokens)[: len(ids)] == ids and generated[: len(greedy.token_ids)] == greedy.token_ids
+    assert all(len(by_id(top)) == vocab for top in lp.top_logprobs[1:])
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True) if c.choices[0].logprobs]
+    assert [i for c in chunks for i in token_ids(c.tokens)] == generated
+
+    reply = client.chat.completions.create(model="tiny-proxy", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=4,
+                                           extra_body={"return_tokens_as_token_ids": True})
+    content = reply.choices[0].logprobs.content
+    assert models["tok"].decode(token_ids(t.token for t in content)) == reply.choices[0].message.content
+    assert all(len(token_ids(a.token for a in t.top_logprobs)) == 4 for t in content)
+    assert b"".join(bytes(t.bytes) for t in content).decode() == reply.choices[0].message.content
 
 
 def test_plausibility_serves_strict_json_and_the_engine_s_answers(tiny_family):
