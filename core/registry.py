@@ -11,10 +11,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from core import PROJECT_ROOT
 from core.errors import UserError
@@ -110,7 +112,10 @@ def update_scores(name_or_path: str, task: str, scores: dict[str, Any]) -> None:
 
 
 def display_name(name_or_path: str) -> str:
-    """How to show a model: its registered name if it has a card, else the last part of its path or hub id."""
+    """How to show a model: its registered name if it has a card, else the last part of its path or hub id
+    (a served base: its server's host and port)."""
+    if re.match(r"^https?://", str(name_or_path)):
+        return urlparse(str(name_or_path)).netloc.replace(":", "-")
     _, card = resolve(name_or_path)
     return card.name if card is not None else Path(str(name_or_path).rstrip("/")).name
 

@@ -38,6 +38,11 @@ ALPHAS = (0.5, 0.75, 1.0, 1.25)  # 1.5 and 2 were never the best on any seed, ta
 # Each task's full-SFT expert is also swept with proxy.plausibility at contrastive decoding's usual value
 # (Li et al., 2023), not tuned here: the paper's rule and the constrained one side by side.
 PLAUSIBILITY = 0.1
+# The fact task's expert also steers the large base behind this project's server, read through its top K
+# log-probabilities only: vLLM's default cap (20) and the paper's API experiment (GPT-3.5's top 5). Where K
+# covers the vocabulary the output is the local engine's, token for token (tests/test_remote.py).
+SERVED_TOP_K = (20, 5)
+SERVED_PORT = 18700  # + the seed and the stage: a fixed address keeps the stage's config, so a re-run skips it
 # --scale test, a seconds-long smoke run of the same job: a few steps per tuning, short answers
 SCALES = {"full": {"training": [], "max_new_tokens": 48},
           "test": {"training": ["training.max_steps=4"], "max_new_tokens": 16}}
@@ -56,7 +61,8 @@ PLAN = """[2/5] experts: the small base tuned on each task's tuning people (full
       conversations; the math expert on age questions with a worked line before '#### <age>'
 [3/5] references: the large base tuned directly on each task, the same way
 [4/5] evaluation on held-out people: every model, and the proxy-tuned large model at each alpha (each
-      task's full-SFT expert also with proxy.plausibility={plausibility:g})
+      task's full-SFT expert also with proxy.plausibility={plausibility:g}); the fact task's expert also steering
+      the large base served at a URL, read through its top {served} log-probabilities
       {n} stages, each starting once the models it reads are tuned, in {where}"""
 
 
@@ -105,6 +111,30 @@ def evaluate(task: str, name: str, overrides: list[str], out: Path,
     run_eval(cfg, out_dir=str(out / "eval" / task / name))
 
 
+def evaluate_served(task: str, name: str, overrides: list[str], out: Path, max_new_tokens: int, top_k: int,
+                    port: int) -> None:
+    """`evaluate` with the large base served by proxy.serve (its base-alone model) at a URL: what a user whose
+    base sits behind an OpenAI-compatible server types, `base=http://HOST:PORT/v1`."""
+    import socket
+
+    from proxy.api import create_app
+    from proxy.options import generation_settings
+    from proxy.serve import running, served_models
+
+    cfg = config("serve", ["base=tiny-large", "expert=tiny-expert", "logger=none"])
+    with socket.socket() as sock:  # the fixed port, or (taken) any free one: then a re-run evaluates anew
+        port = port if sock.connect_ex(("127.0.0.1", port)) else 0
+    models = served_models(cfg)
+    try:
+        with running(create_app(models, generation_settings(cfg.generation)), port=port) as url:
+            evaluate(task, name, [*overrides, f"base={url}/v1", "load.base.model=tiny-large",
+                                  "load.base.tokenizer=tiny-large", f"load.base.top_logprobs={top_k}"],
+                     out, max_new_tokens)
+    finally:
+        for model in models:
+            model.batcher.close()
+
+
 def tuning_stages(out: Path, dpo: bool, scale: str = "full") -> tuple[list[Stage], dict[str, list[str]]]:
     """Every expert and reference of the seed, as stages named after the registered model; and
     task -> its experts' registered names."""
@@ -126,7 +156,8 @@ def tuning_stages(out: Path, dpo: bool, scale: str = "full") -> tuple[list[Stage
     return stages, experts
 
 
-def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, scale: str = "full") -> list[Stage]:
+def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, scale: str = "full",
+                      seed: int = 0) -> list[Stage]:
     """Every model of each task, and the proxy-tuned large model at each alpha, on held-out people."""
     tokens = SCALES[scale]["max_new_tokens"]
     tuned = {name for names in experts.values() for name in names} | {ref for _, ref in TASKS.values()}
@@ -150,6 +181,10 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
                       "expert=tiny-expert", "proxy.alpha=1.0", "load.base.quantization=nf4"))
     stages.append(run("tinyworld", "proxy-tiny-expert-lora-a1-shared", ("tiny-expert-lora",), "base=tiny-large",
                       "expert=tiny-expert-lora", "proxy.alpha=1.0", "proxy.shared_pair=true"))
+    for i, k in enumerate(SERVED_TOP_K):
+        stages.append(Stage(f"eval-tinyworld-proxy-tiny-expert-a1-served-top{k}", evaluate_served,
+                            ("tinyworld", f"proxy-tiny-expert-a1-served-top{k}", ["expert=tiny-expert", "proxy.alpha=1.0"],
+                             out, tokens, k, SERVED_PORT + 10 * seed + i), ("tiny-expert",)))
     return stages
 
 
@@ -163,9 +198,10 @@ def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS, jobs: i
         paths = build_family(family_dir(seed), seed=seed, scale=scale)
         started = time.time()
         tuning, experts = tuning_stages(out, dpo, scale)
-        stages = [*tuning, *evaluation_stages(out, experts, alphas, scale)]
+        stages = [*tuning, *evaluation_stages(out, experts, alphas, scale, seed)]
         where = f"{jobs} processes, each stage's output in {out / 'logs'}" if jobs > 1 else "this process"
-        print(PLAN.format(n=len(stages), where=where, plausibility=PLAUSIBILITY))
+        print(PLAN.format(n=len(stages), where=where, plausibility=PLAUSIBILITY,
+                          served=" and top ".join(map(str, SERVED_TOP_K))))
         run_stages(stages, jobs, out / "logs")
         print(f"[5/5] seed {seed}: report")
         report = write_report([out / "eval"], out / "report")

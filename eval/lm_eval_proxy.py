@@ -20,7 +20,9 @@ smallest context of the loaded models), max_gen_toks (default 256, as `hf`), add
 model (the name lm-eval gives the results folder; the CLI wrapper fills it), and per-role loading options
 `<role>_<option>` with role base/expert/anti_expert and option dtype/quantization/device_map/
 attn_implementation (e.g. base_quantization=nf4,expert_dtype=bfloat16); dtype=... and device_map=...
-set all roles.
+set all roles. A served base (base=http://HOST:PORT/v1) takes base_model, base_tokenizer, base_top_logprobs,
+base_api_key_env, base_timeout and base_retries (proxy/remote.py); its loglikelihood needs every
+log-probability (base_top_logprobs = the vocabulary), generate_until any K.
 """
 from __future__ import annotations
 
@@ -43,15 +45,21 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.registry import display_name
+from proxy.build import SERVED_OPTIONS
 from proxy.engine import GenerationSettings, ProxyEngine
 
 ROLES = ("anti_expert", "expert", "base")  # anti_expert first: "anti_expert_dtype" also ends in "expert_dtype"
 LOAD_OPTIONS = ("dtype", "quantization", "device_map", "attn_implementation")
 
 
+def role_options(role: str) -> tuple[str, ...]:
+    """What `<role>_<option>` may set: the loading options, and for the base those of a served one."""
+    return LOAD_OPTIONS + (SERVED_OPTIONS if role == "base" else ())
+
+
 def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """`base_dtype=bfloat16`-style model arguments -> {role: {option: value}}; unknown names are refused."""
-    load: dict[str, dict[str, Any]] = {role: dict.fromkeys(LOAD_OPTIONS) for role in ROLES}
+    load: dict[str, dict[str, Any]] = {role: dict.fromkeys(role_options(role)) for role in ROLES}
     for opt in ("dtype", "device_map"):  # shorthands for every role
         if opt in kwargs:
             value = kwargs.pop(opt)
@@ -60,7 +68,7 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for key in list(kwargs):
         for role in ROLES:
             opt = key[len(role) + 1:]
-            if key.startswith(role + "_") and opt in LOAD_OPTIONS:
+            if key.startswith(role + "_") and opt in role_options(role):
                 load[role][opt] = kwargs.pop(key)
                 break
     if kwargs:
@@ -68,7 +76,8 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
             f"unknown proxy model argument(s) {sorted(kwargs)}; known: base, expert, anti_expert, alpha, "
             "expert_format, plausibility, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, "
             "device_map, "
-            f"<role>_<option> with option in {', '.join(LOAD_OPTIONS)}"
+            f"<role>_<option> with option in {', '.join(LOAD_OPTIONS)}, and for a served base (base=http://...) "
+            f"base_<option> with option in {', '.join(SERVED_OPTIONS)}"
         )
     return load
 

@@ -18,10 +18,11 @@ from omegaconf import DictConfig, open_dict
 from core.errors import UserError, exit_on_user_error
 from core.files import atomic_write_json, write_jsonl
 from core.jobs import CHECKPOINT_FILE, Checkpoint, hydra_output_dir, run_job
-from core.registry import update_scores
+from core.registry import display_name, update_scores
 from eval import metrics as M
 from proxy.build import build_engine, resolve_pairs, run_inputs
 from proxy.options import check_plausibility, generation_settings
+from proxy.remote import is_url
 from training.tasks import get_field, load_records, load_task, task_files, to_example
 
 METRICS_FILE = "metrics.json"
@@ -39,10 +40,13 @@ def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
         return {"role": "model", "model": str(cfg.base)}
     first = pairs[0]
     k = (cfg.proxy.get("speculative") or {}).get("k")
+    served = cfg.load.base.get("top_logprobs")
     options = [str(cfg.load.base.get("quantization") or ""), "shared pair" if cfg.proxy.get("shared_pair") else "",
+               (f"served, top {served}" if served else "served") if is_url(cfg.base) else "",
                f"speculative k={k}" if k is not None else "",
                f"plausibility {check_plausibility(cfg.proxy.plausibility):g}" if cfg.proxy.get("plausibility") else ""]
-    return {"role": "proxy", "model": str(cfg.base), "expert": first.name, "anti_expert": first.anti_expert,
+    model = (cfg.load.base.get("model") or display_name(cfg.base)) if is_url(cfg.base) else str(cfg.base)
+    return {"role": "proxy", "model": model, "expert": first.name, "anti_expert": first.anti_expert,
             "alpha": first.alpha, "variant": ", ".join(o for o in options if o) or None}
 
 

@@ -215,9 +215,12 @@ class RemoteBase(GenerationMixin):
             for i, top in enumerate(wanted[-last:], start=last - len(wanted[-last:])):
                 if top is None:
                     continue
-                ids_, values = zip(*((token_id(key, self.url), float(v)) for key, v in top.items())) if top else ((), ())
-                keep = [j for j, t in enumerate(ids_) if t < self.vocab_size]
-                out[i, [ids_[j] for j in keep]] = torch.tensor([values[j] for j in keep])
+                # an echoed position lists its own token beside the top K (vLLM, OpenAI): keep the top K, so
+                # that every position reads the same law as a plain round's
+                pairs = sorted(((float(v), token_id(key, self.url)) for key, v in top.items()), reverse=True)[:k]
+                pairs = [(v, t) for v, t in pairs if t < self.vocab_size]
+                if pairs:
+                    out[i, [t for _, t in pairs]] = torch.tensor([v for v, _ in pairs])
             return out
 
         return torch.stack(self.client.map(ask, [list(r) for r in rows]))

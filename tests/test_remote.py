@@ -1,0 +1,213 @@
+"""A base named by URL (proxy/remote.py), steered through a real server: this project's proxy.serve, whose
+base-alone model answers token-id, top-K and echo requests as vLLM does (tests/test_vllm_server.py holds
+the same invariants against vLLM itself). Where K covers the vocabulary, greedy output is the local
+engine's on the same weights, token for token; faults get bounded retries, then one line."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+from helpers import compose_app
+
+from core.errors import UserError
+from core.loading import load_model, load_tokenizer
+from core.registry import display_name
+from proxy.api import create_app
+from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
+from proxy.options import generation_settings
+from proxy.remote import OUTSIDE, RemoteBase
+from proxy.serve import running, served_models
+from proxy.speculative import SpeculativeProxyEngine
+
+PROMPTS = [" the quick brown", " Question: where was the person born?\nAnswer:", " a b c", " the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_family):
+    """proxy.serve over the tiny family: its base-alone model (alpha 0) is the base the tests steer."""
+    cfg = compose_app("serve", f"base={tiny_family.large}", f"expert={tiny_family.expert}",
+                      f"anti_expert={tiny_family.small}", "logger=none", "server.model_name=tiny-proxy")
+    models = served_models(cfg)
+    app = create_app(models, generation_settings(cfg.generation))
+    with running(app) as url:
+        yield {"url": f"{url}/v1", "base": display_name(tiny_family.large)}
+    for m in models:
+        m.batcher.close()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_family):
+    tok = load_tokenizer(tiny_family.large)
+    return {"tok": tok, "large": load_model(tiny_family.large), "expert": load_model(tiny_family.expert),
+            "small": load_model(tiny_family.small)}
+
+
+def served(server, local, **kw) -> RemoteBase:
+    return RemoteBase(server["url"], local["tok"], model=server["base"], **kw)
+
+
+def engines(base, local, alpha, k=None):
+    pair = [SteeringPair(local["expert"], local["small"], alpha)]
+    if k is None:
+        return ProxyEngine(base, local["tok"], pair)
+    return SpeculativeProxyEngine(base, local["tok"], pair, k=k)
+
+
+def ids(gens):
+    return [g.token_ids for g in gens]
+
+
+def test_the_served_base_reads_the_whole_vocabulary_and_the_same_log_probabilities(server, local):
+    base = served(server, local)
+    assert base.top_logprobs == base.vocab_size == len(local["tok"])  # the most this server gives
+    assert base.config.max_position_embeddings == local["large"].config.max_position_embeddings
+    ids_ = local["tok"](PROMPTS[1])["input_ids"]
+    got = base.next_logprobs([ids_], last=3)[0]  # an echo: the laws after the last three tokens
+    with torch.no_grad():
+        want = torch.log_softmax(local["large"](torch.tensor([ids_])).logits[0, -3:].float(), -1)
+    assert torch.allclose(got, want[:, : got.shape[-1]], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [None, 3], ids=["plain", "speculative"])
+def test_greedy_output_is_the_local_engine_s_token_for_token(server, local, k):
+    base = served(server, local)
+    for alpha in (0.0, 0.5, 1.0, 2.0):
+        for batch in (1, 4):
+            settings = GenerationSettings(max_new_tokens=12, batch_size=batch)
+            want = ids(engines(local["large"], local, alpha, k).generate(PROMPTS, settings))
+            engine = engines(base, local, alpha, k)
+            assert ids(engine.generate(PROMPTS, settings)) == want, (alpha, batch)
+            stats = engine.last_stats  # one request per row a round (a speculative round's is one echo)
+            assert stats.base_requests == stats.row_forwards and stats.requests_per_token > 0
+            if k is not None and stats.accepted:
+                assert stats.requests_per_token < 1.0
+
+
+def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(server, local):
+    base = served(server, local, top_logprobs=5)
+    settings = GenerationSettings(max_new_tokens=12, batch_size=2)
+    # a drafter close to the proxy (the large model drafts for base + (large - small)) gets drafts accepted
+    pair = [SteeringPair(local["large"], local["small"], 1.0)]
+    plain = ProxyEngine(base, local["tok"], pair)
+    spec = SpeculativeProxyEngine(base, local["tok"], pair, k=4)
+    assert ids(plain.generate(PROMPTS, settings)) == ids(spec.generate(PROMPTS, settings))
+    assert spec.last_stats.accepted > 0
+    assert spec.last_stats.requests_per_token < plain.last_stats.requests_per_token == 1.0
+    lp = base.next_logprobs([local["tok"](PROMPTS[0])["input_ids"]])[0, 0]
+    assert int((lp > OUTSIDE).sum()) == 5  # the base's top 5; every other token has probability 0
+
+
+def test_a_given_text_is_scored_only_with_the_whole_distribution(server, local):
+    full = engines(served(server, local), local, 1.0)
+    ctx = local["tok"](" the quick")["input_ids"]
+    cont = local["tok"](" brown", add_special_tokens=False)["input_ids"]
+    want = engines(local["large"], local, 1.0).score_tokens([(None, ctx, cont)])[0]["logprob"]
+    assert full.score_tokens([(None, ctx, cont)])[0]["logprob"] == pytest.approx(want, abs=1e-4)
+    with pytest.raises(UserError, match="whole distribution"):
+        engines(served(server, local, top_logprobs=5), local, 1.0).score_tokens([(None, ctx, cont)])
+
+
+def test_the_served_model_and_the_tokenizer_are_checked(server, local, tiny_family):
+    with pytest.raises(UserError, match=r"serves \d models \(tiny-proxy, large.*load.base.model=<id>"):
+        RemoteBase(server["url"], local["tok"])
+    with pytest.raises(UserError, match="does not serve 'nope'"):
+        RemoteBase(server["url"], local["tok"], model="nope")
+    with pytest.raises(UserError, match="tokenizes a probe text differently"):
+        RemoteBase(server["url"], load_tokenizer(tiny_family.foreign), model=server["base"])
+    with pytest.raises(UserError, match="top_logprobs must be between 1"):
+        served(server, local, top_logprobs=0)
+
+
+# ---------------------------------------------------------------------------- faults
+
+class Faults:
+    """A reverse proxy in front of the real server: the next requests to /v1/completions get the faults
+    queued here (a status, a body that is not JSON, a pause), then the real answers; it keeps the headers."""
+
+    def __init__(self, upstream: str):
+        self.upstream, self.queue, self.headers, self.lock = upstream, [], [], threading.Lock()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        status, content = await self.answer(scope, body)
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": content})
+
+    async def answer(self, scope, body: bytes) -> tuple[int, bytes]:
+        import asyncio
+
+        import httpx
+
+        fault = None
+        if scope["path"].endswith("/completions"):
+            self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+            with self.lock:
+                fault = self.queue.pop(0) if self.queue else None
+        if fault is not None and fault[0] == "status":
+            return fault[1], b'{"error": {"message": "busy"}}'
+        if fault is not None and fault[0] == "garbage":
+            return 200, b"<html>bad gateway</html>"
+        if fault is not None and fault[0] == "pause":
+            await asyncio.sleep(fault[1])
+        async with httpx.AsyncClient(timeout=60) as http:
+            response = await http.request(scope["method"], self.upstream + scope["path"], content=body,
+                                          headers={"content-type": "application/json"})
+        return response.status_code, response.content
+
+
+@pytest.fixture(scope="module")
+def flaky(server):
+    faults = Faults(server["url"].removesuffix("/v1"))
+    with running(faults) as url:
+        yield {"url": f"{url}/v1", "faults": faults}
+
+
+def test_busy_and_failing_answers_are_retried_then_reported_in_one_line(flaky, server, local):
+    base = RemoteBase(flaky["url"], local["tok"], model=server["base"], retries=3)
+    base.client.backoff = 0.01
+    row = [local["tok"](PROMPTS[0])["input_ids"]]
+    want = base.next_logprobs(row)
+    flaky["faults"].queue += [("status", 429), ("status", 503), ("garbage", 200)]
+    assert torch.equal(base.next_logprobs(row), want)  # three faults, then the answer
+    flaky["faults"].queue += [("status", 500)] * 4
+    with pytest.raises(UserError) as err:
+        base.next_logprobs(row)
+    message = str(err.value)
+    assert flaky["url"] in message and "500 busy" in message and "after 4 tries" in message
+    assert "\n" not in message
+
+
+def test_a_slow_server_times_out_and_a_down_one_is_named(flaky, server, local):
+    base = RemoteBase(flaky["url"], local["tok"], model=server["base"], retries=0, timeout=0.5)
+    flaky["faults"].queue.append(("pause", 2.0))
+    with pytest.raises(UserError, match="ReadTimeout"):
+        base.next_logprobs([local["tok"](PROMPTS[0])["input_ids"]])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UserError, match=f"127.0.0.1:{port}/v1/models gave no answer"):
+        RemoteBase(f"http://127.0.0.1:{port}/v1", local["tok"], retries=1)
+
+
+def test_the_key_goes_in_a_header_and_never_in_a_message(flaky, server, local, monkeypatch):
+    secret = "sk-test-" + "x" * 24
+    monkeypatch.setenv("PROXY_TEST_KEY", secret)
+    base = RemoteBase(flaky["url"], local["tok"], model=server["base"], api_key_env="PROXY_TEST_KEY", retries=0)
+    assert flaky["faults"].headers[-1]["authorization"] == f"Bearer {secret}"
+    flaky["faults"].queue.append(("status", 503))
+    with pytest.raises(UserError) as err:
+        base.next_logprobs([local["tok"](PROMPTS[0])["input_ids"]])
+    assert secret not in str(err.value) and secret not in repr(base)
+    with pytest.raises(UserError, match="names no set environment variable"):
+        RemoteBase(flaky["url"], local["tok"], model=server["base"], api_key_env="PROXY_UNSET_KEY_NAME")
