@@ -1,11 +1,12 @@
 """A base named by URL (proxy/remote.py), steered through a real server: this project's proxy.serve, whose
-base-alone model answers token-id, top-K and echo requests as vLLM does (tests/test_vllm_server.py holds
+base-alone model answers token-id, top-K and echo requests as vLLM does (tests/test_remote_vllm.py holds
 the same invariants against vLLM itself). Where K covers the vocabulary, greedy output is the local
 engine's on the same weights, token for token; faults get bounded retries, then one line."""
 from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from proxy.remote import OUTSIDE, RemoteBase
 from proxy.serve import running, served_models
 from proxy.speculative import SpeculativeProxyEngine
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [" the quick brown", " Question: where was the person born?\nAnswer:", " a b c", " the lazy dog"]
 
 
@@ -211,3 +213,79 @@ def test_the_key_goes_in_a_header_and_never_in_a_message(flaky, server, local, m
     assert secret not in str(err.value) and secret not in repr(base)
     with pytest.raises(UserError, match="names no set environment variable"):
         RemoteBase(flaky["url"], local["tok"], model=server["base"], api_key_env="PROXY_UNSET_KEY_NAME")
+
+
+# ---------------------------------------------------------------------------- the entry points, base=URL
+
+def url_args(server) -> list[str]:
+    return [f"base={server['url']}", f"load.base.model={server['base']}"]
+
+
+def test_proxy_run_and_eval_run_take_a_base_by_url(server, tiny_family, tmp_path):
+    """The same command lines with base=http://... give what the loaded base gives."""
+    from helpers import FIXTURES, run_in_process
+
+    from eval.run import evaluate
+    from proxy.run import run
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{p.strip()}"}}\n' for p in PROMPTS[::2]))
+    pair = [f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}", "logger=none"]
+    args = [*pair, f"prompts={prompts}", "generation.max_new_tokens=8"]
+    assert run_in_process("proxy", run, f"base={tiny_family.large}", *args, out_dir=str(tmp_path / "local"))[0] == 0
+    code, err = run_in_process("proxy", run, *url_args(server), *args, "proxy.speculative.k=2",
+                               out_dir=str(tmp_path / "served"))
+    assert code == 0, err
+    assert (tmp_path / "served" / "generations.jsonl").read_text() == (tmp_path / "local" / "generations.jsonl").read_text()
+    task = ["+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}", "generation.max_new_tokens=6", *pair]
+    local = evaluate(compose_app("eval", f"base={tiny_family.large}", *task), out_dir=str(tmp_path / "eval-local"))
+    remote = evaluate(compose_app("eval", *url_args(server), *task), out_dir=str(tmp_path / "eval-served"))
+    assert remote["metrics"]["exact_match"] == local["metrics"]["exact_match"]
+    assert remote["variant"] == "served" and remote["model"] == server["base"]
+    assert remote["metrics"]["requests_per_token"] > 0
+    code, err = run_in_process("proxy", run, f"base={tiny_family.large}", "load.base.top_logprobs=5", *args,
+                               out_dir=str(tmp_path / "wrong"))
+    assert code == 2 and "load.base.top_logprobs is for a served base" in err
+
+
+def test_lm_eval_generates_through_a_served_base_and_refuses_loglikelihood_on_top_k(server, tiny_family):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import eval.lm_eval_proxy  # noqa: F401  registers "proxy"
+    from eval.lm_eval_proxy import ProxyLM
+
+    tasks = TaskManager(include_path=str(ROOT / "tests" / "fixtures" / "lm_eval"), include_defaults=False)
+    common = f"expert={tiny_family.expert},anti_expert={tiny_family.small},alpha=1.0,max_length=48"
+
+    def run(base: str):
+        return lm_eval.simple_evaluate(model="proxy", model_args=f"{base},{common}", tasks=["proxy_tiny_gen"],
+                                       log_samples=True, batch_size=4, bootstrap_iters=0, task_manager=tasks)
+
+    def generations(results):
+        return [s["resps"] for s in results["samples"]["proxy_tiny_gen"]]
+
+    served_args = f"base={server['url']},base_model={server['base']}"
+    assert generations(run(served_args)) == generations(run(f"base={tiny_family.large}"))
+    lm = ProxyLM(base=server["url"], base_model=server["base"], base_top_logprobs=5, expert=tiny_family.expert,
+                 anti_expert=tiny_family.small)
+    with pytest.raises(UserError, match="whole distribution"):
+        lm.loglikelihood([lm_eval.api.instance.Instance("loglikelihood", {}, ("the quick", " brown"), 0)])
+
+
+def test_proxy_serve_steers_a_base_served_elsewhere(server, tiny_family, local):
+    """proxy.serve with base=http://...: the proxy-tuned model served from a machine that holds only the pair."""
+    openai = pytest.importorskip("openai")
+    cfg = compose_app("serve", *url_args(server), f"expert={tiny_family.expert}", f"anti_expert={tiny_family.small}",
+                      "logger=none", "server.model_name=chained")
+    models = served_models(cfg)
+    try:
+        with running(create_app(models, generation_settings(cfg.generation))) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+            got = [client.completions.create(model="chained", prompt=p, max_tokens=8, temperature=0).choices[0].text
+                   for p in PROMPTS]
+    finally:
+        for m in models:
+            m.batcher.close()
+    want = [g.text for g in engines(local["large"], local, 1.0).generate(PROMPTS, GenerationSettings(max_new_tokens=8))]
+    assert got == want
