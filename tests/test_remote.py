@@ -202,6 +202,33 @@ def test_a_slow_server_times_out_and_a_down_one_is_named(flaky, server, local):
         RemoteBase(f"http://127.0.0.1:{port}/v1", local["tok"], retries=1)
 
 
+def test_a_dropped_connection_is_retried_then_named(local):
+    """A server that accepts the connection and closes it without a word (a crashed worker, a proxy's reset)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port, dropped = listener.getsockname()[1], []
+
+    def drop_all():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            dropped.append(conn.recv(65536)[:20])
+            conn.close()
+
+    threading.Thread(target=drop_all, daemon=True).start()
+    try:
+        with pytest.raises(UserError) as err:
+            RemoteBase(f"http://127.0.0.1:{port}/v1", local["tok"], retries=2)
+    finally:
+        listener.close()
+    assert len(dropped) == 3  # the first try and two retries
+    message = str(err.value)
+    assert f"127.0.0.1:{port}/v1/models gave no answer" in message and "after 3 tries" in message and "\n" not in message
+
+
 def test_the_key_goes_in_a_header_and_never_in_a_message(flaky, server, local, monkeypatch):
     secret = "sk-test-" + "x" * 24
     monkeypatch.setenv("PROXY_TEST_KEY", secret)
