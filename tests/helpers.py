@@ -57,3 +57,19 @@ def assert_one_error_line(code: int, stderr: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in last, last
     return last
+
+
+def steering(base, models: dict, alpha: float, k=None):
+    """`base` steered by models["expert"] against models["small"], with models["tok"]: the plain engine, or
+    the speculative one drafting k tokens a round."""
+    from proxy.engine import ProxyEngine, SteeringPair
+    from proxy.speculative import SpeculativeProxyEngine
+
+    pair = [SteeringPair(models["expert"], models["small"], alpha)]
+    if k is None:
+        return ProxyEngine(base, models["tok"], pair)
+    return SpeculativeProxyEngine(base, models["tok"], pair, k=k)
+
+
+def token_ids(generations) -> list[list[int]]:
+    return [g.token_ids for g in generations]

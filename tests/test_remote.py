@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_app
+from helpers import compose_app, steering, token_ids
 
 from core.errors import UserError
 from core.loading import load_model, load_tokenizer
@@ -50,17 +50,6 @@ def served(server, local, **kw) -> RemoteBase:
     return RemoteBase(server["url"], local["tok"], model=server["base"], **kw)
 
 
-def engines(base, local, alpha, k=None):
-    pair = [SteeringPair(local["expert"], local["small"], alpha)]
-    if k is None:
-        return ProxyEngine(base, local["tok"], pair)
-    return SpeculativeProxyEngine(base, local["tok"], pair, k=k)
-
-
-def ids(gens):
-    return [g.token_ids for g in gens]
-
-
 def test_the_served_base_reads_the_whole_vocabulary_and_the_same_log_probabilities(server, local):
     base = served(server, local)
     assert base.top_logprobs == base.vocab_size == len(local["tok"])  # the most this server gives
@@ -79,9 +68,9 @@ def test_greedy_output_is_the_local_engine_s_token_for_token(server, local, k):
     for alpha in (0.0, 0.5, 1.0, 2.0):
         for batch in (1, 4):
             settings = GenerationSettings(max_new_tokens=12, batch_size=batch)
-            want = ids(engines(local["large"], local, alpha, k).generate(PROMPTS, settings))
-            engine = engines(base, local, alpha, k)
-            assert ids(engine.generate(PROMPTS, settings)) == want, (alpha, batch)
+            want = token_ids(steering(local["large"], local, alpha, k).generate(PROMPTS, settings))
+            engine = steering(base, local, alpha, k)
+            assert token_ids(engine.generate(PROMPTS, settings)) == want, (alpha, batch)
             stats = engine.last_stats  # one request per row a round (a speculative round's is one echo)
             assert stats.base_requests == stats.row_forwards and stats.requests_per_token > 0
             if k is not None and stats.accepted:
@@ -95,7 +84,7 @@ def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(serv
     pair = [SteeringPair(local["large"], local["small"], 1.0)]
     plain = ProxyEngine(base, local["tok"], pair)
     spec = SpeculativeProxyEngine(base, local["tok"], pair, k=4)
-    assert ids(plain.generate(PROMPTS, settings)) == ids(spec.generate(PROMPTS, settings))
+    assert token_ids(plain.generate(PROMPTS, settings)) == token_ids(spec.generate(PROMPTS, settings))
     assert spec.last_stats.accepted > 0
     assert spec.last_stats.requests_per_token < plain.last_stats.requests_per_token == 1.0
     lp = base.next_logprobs([local["tok"](PROMPTS[0])["input_ids"]])[0, 0]
@@ -103,13 +92,13 @@ def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(serv
 
 
 def test_a_given_text_is_scored_only_with_the_whole_distribution(server, local):
-    full = engines(served(server, local), local, 1.0)
+    full = steering(served(server, local), local, 1.0)
     ctx = local["tok"](" the quick")["input_ids"]
     cont = local["tok"](" brown", add_special_tokens=False)["input_ids"]
-    want = engines(local["large"], local, 1.0).score_tokens([(None, ctx, cont)])[0]["logprob"]
+    want = steering(local["large"], local, 1.0).score_tokens([(None, ctx, cont)])[0]["logprob"]
     assert full.score_tokens([(None, ctx, cont)])[0]["logprob"] == pytest.approx(want, abs=1e-4)
     with pytest.raises(UserError, match="whole distribution"):
-        engines(served(server, local, top_logprobs=5), local, 1.0).score_tokens([(None, ctx, cont)])
+        steering(served(server, local, top_logprobs=5), local, 1.0).score_tokens([(None, ctx, cont)])
 
 
 def test_the_served_model_and_the_tokenizer_are_checked(server, local, tiny_family):
@@ -314,5 +303,5 @@ def test_proxy_serve_steers_a_base_served_elsewhere(server, tiny_family, local):
     finally:
         for m in models:
             m.batcher.close()
-    want = [g.text for g in engines(local["large"], local, 1.0).generate(PROMPTS, GenerationSettings(max_new_tokens=8))]
+    want = [g.text for g in steering(local["large"], local, 1.0).generate(PROMPTS, GenerationSettings(max_new_tokens=8))]
     assert got == want

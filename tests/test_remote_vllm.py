@@ -4,11 +4,11 @@ through vLLM is the local engine's on the same weights, token for token, plain a
 from __future__ import annotations
 
 import pytest
+from helpers import steering, token_ids
 
 from core.loading import load_model, load_tokenizer
-from proxy.engine import GenerationSettings, ProxyEngine, SteeringPair
+from proxy.engine import GenerationSettings
 from proxy.remote import OUTSIDE, RemoteBase
-from proxy.speculative import SpeculativeProxyEngine
 
 pytest_plugins = ["servers"]
 pytestmark = pytest.mark.slow
@@ -22,17 +22,6 @@ def local(vllm_base, tiny_family):
             "expert": load_model(tiny_family.expert), "small": load_model(tiny_family.small)}
 
 
-def engine(base, local, alpha, k=None):
-    pair = [SteeringPair(local["expert"], local["small"], alpha)]
-    if k is None:
-        return ProxyEngine(base, local["tok"], pair)
-    return SpeculativeProxyEngine(base, local["tok"], pair, k=k)
-
-
-def ids(gens):
-    return [g.token_ids for g in gens]
-
-
 @pytest.mark.parametrize("k", [None, 3], ids=["plain", "speculative"])
 def test_greedy_output_through_vllm_is_the_local_engine_s(vllm_base, local, k):
     served = RemoteBase(vllm_base.url, local["tok"], model=vllm_base.name)
@@ -40,9 +29,9 @@ def test_greedy_output_through_vllm_is_the_local_engine_s(vllm_base, local, k):
     for alpha in (0.0, 0.5, 1.0, 2.0):
         for batch in (1, 4):
             settings = GenerationSettings(max_new_tokens=10, batch_size=batch)
-            want = ids(engine(local["base"], local, alpha, k).generate(PROMPTS, settings))
-            got = engine(served, local, alpha, k)
-            assert ids(got.generate(PROMPTS, settings)) == want, (alpha, batch)
+            want = token_ids(steering(local["base"], local, alpha, k).generate(PROMPTS, settings))
+            got = steering(served, local, alpha, k)
+            assert token_ids(got.generate(PROMPTS, settings)) == want, (alpha, batch)
             stats = got.last_stats  # one request per row a round (a speculative round's is one echo)
             assert stats.base_requests == stats.row_forwards
             if k is not None and stats.accepted:
