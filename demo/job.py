@@ -39,9 +39,11 @@ ALPHAS = (0.5, 0.75, 1.0, 1.25)  # 1.5 and 2 were never the best on any seed, ta
 # (Li et al., 2023), not tuned here: the paper's rule and the constrained one side by side.
 PLAUSIBILITY = 0.1
 # The fact task's expert also steers the large base behind this project's server, read through its top K
-# log-probabilities only: vLLM's default cap (20) and the paper's API experiment (GPT-3.5's top 5). Where K
-# covers the vocabulary the output is the local engine's, token for token (tests/test_remote.py).
+# log-probabilities only: vLLM's default cap (20) and the paper's API experiment (GPT-3.5's top 5), the
+# tokens outside them scored both ways (load.base.outside). Where K covers the vocabulary the output is the
+# local engine's, token for token (tests/test_remote.py).
 SERVED_TOP_K = (20, 5)
+SERVED_OUTSIDE = ("spread", "zero")
 SERVED_PORT = 18700  # + the seed and the stage: a fixed address keeps the stage's config, so a re-run skips it
 # --scale test, a seconds-long smoke run of the same job: a few steps per tuning, short answers
 SCALES = {"full": {"training": [], "max_new_tokens": 48},
@@ -112,7 +114,7 @@ def evaluate(task: str, name: str, overrides: list[str], out: Path,
 
 
 def evaluate_served(task: str, name: str, overrides: list[str], out: Path, max_new_tokens: int, top_k: int,
-                    port: int) -> None:
+                    outside: str, port: int) -> None:
     """`evaluate` with the large base served by proxy.serve (its base-alone model) at a URL: what a user whose
     base sits behind an OpenAI-compatible server types, `base=http://HOST:PORT/v1`."""
     import socket
@@ -128,7 +130,8 @@ def evaluate_served(task: str, name: str, overrides: list[str], out: Path, max_n
     try:
         with running(create_app(models, generation_settings(cfg.generation)), port=port) as url:
             evaluate(task, name, [*overrides, f"base={url}/v1", "load.base.model=tiny-large",
-                                  "load.base.tokenizer=tiny-large", f"load.base.top_logprobs={top_k}"],
+                                  "load.base.tokenizer=tiny-large", f"load.base.top_logprobs={top_k}",
+                                  f"load.base.outside={outside}"],
                      out, max_new_tokens)
     finally:
         for model in models:
@@ -181,10 +184,12 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
                       "expert=tiny-expert", "proxy.alpha=1.0", "load.base.quantization=nf4"))
     stages.append(run("tinyworld", "proxy-tiny-expert-lora-a1-shared", ("tiny-expert-lora",), "base=tiny-large",
                       "expert=tiny-expert-lora", "proxy.alpha=1.0", "proxy.shared_pair=true"))
-    for i, k in enumerate(SERVED_TOP_K):
-        stages.append(Stage(f"eval-tinyworld-proxy-tiny-expert-a1-served-top{k}", evaluate_served,
-                            ("tinyworld", f"proxy-tiny-expert-a1-served-top{k}", ["expert=tiny-expert", "proxy.alpha=1.0"],
-                             out, tokens, k, SERVED_PORT + 10 * seed + i), ("tiny-expert",)))
+    served = [(k, outside) for k in SERVED_TOP_K for outside in SERVED_OUTSIDE]
+    for i, (k, outside) in enumerate(served):
+        name = f"proxy-tiny-expert-a1-served-top{k}-{outside}"
+        stages.append(Stage(f"eval-tinyworld-{name}", evaluate_served,
+                            ("tinyworld", name, ["expert=tiny-expert", "proxy.alpha=1.0"], out, tokens, k, outside,
+                             SERVED_PORT + 10 * seed + i), ("tiny-expert",)))
     return stages
 
 

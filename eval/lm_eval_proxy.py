@@ -21,7 +21,7 @@ model (the name lm-eval gives the results folder; the CLI wrapper fills it), and
 `<role>_<option>` with role base/expert/anti_expert and option dtype/quantization/device_map/
 attn_implementation (e.g. base_quantization=nf4,expert_dtype=bfloat16); dtype=... and device_map=...
 set all roles. A served base (base=http://HOST:PORT/v1) takes base_model, base_tokenizer, base_top_logprobs,
-base_api_key_env, base_timeout and base_retries (proxy/remote.py); its loglikelihood needs every
+base_outside, base_api_key_env, base_timeout and base_retries (proxy/remote.py); its loglikelihood needs every
 log-probability (base_top_logprobs = the vocabulary), generate_until any K.
 """
 from __future__ import annotations

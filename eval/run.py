@@ -40,14 +40,19 @@ def describe(cfg: DictConfig, pairs) -> dict[str, Any]:
         return {"role": "model", "model": str(cfg.base)}
     first = pairs[0]
     k = (cfg.proxy.get("speculative") or {}).get("k")
-    served = cfg.load.base.get("top_logprobs")
     options = [str(cfg.load.base.get("quantization") or ""), "shared pair" if cfg.proxy.get("shared_pair") else "",
-               (f"served, top {served}" if served else "served") if is_url(cfg.base) else "",
+               served_variant(cfg) if is_url(cfg.base) else "",
                f"speculative k={k}" if k is not None else "",
                f"plausibility {check_plausibility(cfg.proxy.plausibility):g}" if cfg.proxy.get("plausibility") else ""]
     model = (cfg.load.base.get("model") or display_name(cfg.base)) if is_url(cfg.base) else str(cfg.base)
     return {"role": "proxy", "model": model, "expert": first.name, "anti_expert": first.anti_expert,
             "alpha": first.alpha, "variant": ", ".join(o for o in options if o) or None}
+
+
+def served_variant(cfg: DictConfig) -> str:
+    """A served base's row: its top K and the rule for the tokens outside them, where set."""
+    k, outside = cfg.load.base.get("top_logprobs"), cfg.load.base.get("outside")
+    return "served" + (f", top {k}" if k else "") + (f", outside {outside}" if outside else "")
 
 
 def score_generation_task(engine, task, examples, settings, diagnostics: bool, checkpoint: Checkpoint | None = None):

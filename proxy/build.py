@@ -148,7 +148,7 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
     return ProxyEngine(base, tokenizer, steering, base_format=alone_format(cfg.base, steering), **options), pairs
 
 
-SERVED_OPTIONS = ("model", "tokenizer", "top_logprobs", "api_key_env", "timeout", "retries")
+SERVED_OPTIONS = ("model", "tokenizer", "top_logprobs", "outside", "api_key_env", "timeout", "retries")
 
 
 def base_options(cfg: DictConfig) -> tuple[dict, dict | None]:
@@ -177,7 +177,7 @@ def served_base(cfg: DictConfig, pairs: list[ResolvedPair]) -> RemoteBase:
         generation_config = GenerationConfig.from_pretrained(spec.path)
     except OSError:  # none saved beside the tokenizer: the tokenizer's own special tokens
         generation_config = None
-    options = {k: served[k] for k in ("timeout", "retries") if served[k] is not None}
+    options = {k: served[k] for k in ("timeout", "retries", "outside") if served[k] is not None}
     return RemoteBase(str(cfg.base), load_tokenizer(spec), model=served["model"], top_logprobs=served["top_logprobs"],
                       api_key_env=served["api_key_env"], generation_config=generation_config, **options)
 

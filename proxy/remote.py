@@ -11,11 +11,17 @@ At each step every row asks the server, in its own request (the rows of a batch 
 top-K log-probabilities after the row's token ids: `/v1/completions` with a token-id prompt, `max_tokens: 1`,
 `logprobs: K` and vLLM's `return_tokens_as_token_ids`, so that no id is ever re-read from text. A
 speculative round asks once per row with `echo`, whose log-probabilities cover every drafted position.
-The proxy's scores are taken over those K tokens: every other token scores OUTSIDE, far below any
-log-probability, so its probability is 0 (with K covering the vocabulary, nothing is lost).
+What the server does not list, `load.base.outside` decides (with K covering the vocabulary nothing is
+unlisted, and both rules are the base's own law):
+- `spread` (default): the probability the base left to the tokens it did not list, spread evenly over
+  them, log((1 - sum of the K listed) / (V - K)): the offset can still lift such a token where the expert
+  wants it (the end of an answer that the untuned base would go on from), as it would with the whole law;
+- `zero`: the proxy distribution is taken over the base's top K only (every other token scores OUTSIDE,
+  probability 0), the paper's setting for its API experiment.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -28,9 +34,11 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig
 
 from core.errors import UserError
 
-# what a token outside the base's top K scores: its probability is 0, and every rule of the engine
+# what a token outside the base's top K scores under outside=zero (and at a position no row asked for): its
+# probability is 0, and every rule of the engine
 # (the plausibility constraint's RULED_OUT, a processor's -inf) still orders what it keeps above it
 OUTSIDE = -1e6
+OUTSIDE_RULES = ("spread", "zero")
 PROBE = "The quick brown fox jumps over the lazy dog. 1, 2, 3: naïve café!"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -126,7 +134,11 @@ class RemoteBase(GenerationMixin):
     def __init__(self, url: str, tokenizer, model: str | None = None, top_logprobs: int | None = None,
                  api_key_env: str | None = None, config: PretrainedConfig | None = None,
                  generation_config: GenerationConfig | None = None, timeout: float = 60.0, retries: int = 4,
-                 check_tokenizer: bool = True):
+                 outside: str = "spread", check_tokenizer: bool = True):
+        if outside not in OUTSIDE_RULES:
+            raise UserError(f"load.base.outside must be spread or zero, got {outside!r}: what an unlisted token "
+                            "scores (spread: the base's leftover probability shared evenly; zero: nothing)")
+        self.outside = outside
         key = None
         if api_key_env:
             key = os.environ.get(str(api_key_env))
@@ -141,7 +153,8 @@ class RemoteBase(GenerationMixin):
         if max_len:
             self.config.max_position_embeddings = int(max_len)
         self.generation_config = generation_config or GenerationConfig(
-            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
         self.top_logprobs = self._top_logprobs(top_logprobs)
         if check_tokenizer:
             self._check_tokenizer()
@@ -197,7 +210,7 @@ class RemoteBase(GenerationMixin):
 
     # -- log-probabilities -----------------------------------------------------------------------------
     def next_logprobs(self, rows: Sequence[list[int]], k: int | None = None, last: int = 1) -> torch.Tensor:
-        """(B, last, V): the base's log-probabilities (top K; OUTSIDE elsewhere) after each row's ids, at its
+        """(B, last, V): the base's log-probabilities (its top K; the rest by `outside`) after each row's ids, at its
         last `last` positions (one request per row; with last > 1, an echo). A row shorter than `last`
         scores OUTSIDE at the positions before it starts."""
         k = k or self.top_logprobs
@@ -219,6 +232,9 @@ class RemoteBase(GenerationMixin):
                 # that every position reads the same law as a plain round's
                 pairs = sorted(((float(v), token_id(key, self.url)) for key, v in top.items()), reverse=True)[:k]
                 pairs = [(v, t) for v, t in pairs if t < self.vocab_size]
+                if pairs and self.outside == "spread" and len(pairs) < self.vocab_size:
+                    left = 1.0 - sum(math.exp(v) for v, _ in pairs)
+                    out[i] = math.log(max(left, 1e-12) / (self.vocab_size - len(pairs)))
                 if pairs:
                     out[i, [t for _, t in pairs]] = torch.tensor([v for v, _ in pairs])
             return out
@@ -234,7 +250,8 @@ class RemoteBase(GenerationMixin):
         return torch.device("cpu")
 
     def __repr__(self) -> str:
-        return f"RemoteBase({self.url}, model={self.model!r}, top_logprobs={self.top_logprobs})"
+        return (f"RemoteBase({self.url}, model={self.model!r}, top_logprobs={self.top_logprobs}, "
+                f"outside={self.outside!r})")
 
 
 class RemoteStream:

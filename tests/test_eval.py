@@ -217,10 +217,11 @@ def test_every_demo_stage_can_go_to_a_worker(tmp_path):
     tuning, experts = demo.tuning_stages(tmp_path, dpo=True)
     stages = [*tuning, *demo.evaluation_stages(tmp_path, experts)]
     check_order(stages)
-    assert len(tuning) == 8 and len(stages) == 8 + 36 + 12  # + each task's full-SFT expert with plausibility
+    # + each task's full-SFT expert with plausibility, + the fact expert steering the served base (top 20, 5; both rules)
+    assert len(tuning) == 8 and len(stages) == 8 + 36 + 12 + 4
     for stage in stages:
         assert pickle.loads(pickle.dumps(stage)) == stage
-        assert stage.fn in (demo.train, demo.evaluate)
+        assert stage.fn in (demo.train, demo.evaluate, demo.evaluate_served)
     needs = {s.name: s.needs for s in stages}
     assert needs["tiny-expert-dpo"] == ("tiny-expert",)
     assert needs["eval-tinyworld-proxy-tiny-expert-dpo-a1"] == ("tiny-expert-dpo",)

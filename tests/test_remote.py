@@ -77,8 +77,9 @@ def test_greedy_output_is_the_local_engine_s_token_for_token(server, local, k):
                 assert stats.requests_per_token < 1.0
 
 
-def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(server, local):
-    base = served(server, local, top_logprobs=5)
+@pytest.mark.parametrize("outside", ["spread", "zero"])
+def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(server, local, outside):
+    base = served(server, local, top_logprobs=5, outside=outside)
     settings = GenerationSettings(max_new_tokens=12, batch_size=2)
     # a drafter close to the proxy (the large model drafts for base + (large - small)) gets drafts accepted
     pair = [SteeringPair(local["large"], local["small"], 1.0)]
@@ -87,8 +88,21 @@ def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(serv
     assert token_ids(plain.generate(PROMPTS, settings)) == token_ids(spec.generate(PROMPTS, settings))
     assert spec.last_stats.accepted > 0
     assert spec.last_stats.requests_per_token < plain.last_stats.requests_per_token == 1.0
-    lp = base.next_logprobs([local["tok"](PROMPTS[0])["input_ids"]])[0, 0]
-    assert int((lp > OUTSIDE).sum()) == 5  # the base's top 5; every other token has probability 0
+    ids_ = local["tok"](PROMPTS[0])["input_ids"]
+    lp = base.next_logprobs([ids_])[0, 0]
+    with torch.no_grad():
+        law = torch.log_softmax(local["large"](torch.tensor([ids_])).logits[0, -1].float(), -1)[: len(lp)]
+    top = law.topk(5).indices
+    assert torch.allclose(lp[top], law[top], atol=1e-5)  # the base's own top 5
+    rest = torch.ones_like(lp, dtype=torch.bool)
+    rest[top] = False
+    if outside == "zero":  # every other token has probability 0
+        assert bool((lp[rest] == OUTSIDE).all())
+    else:  # the probability the base left to them, shared evenly: the row is a law again
+        assert float(lp[rest].max() - lp[rest].min()) == 0.0
+        assert float(torch.logsumexp(lp, -1)) == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(UserError, match="load.base.outside must be spread or zero"):
+        served(server, local, outside="uniform")
 
 
 def test_a_given_text_is_scored_only_with_the_whole_distribution(server, local):
@@ -132,7 +146,8 @@ class Faults:
             message = await receive()
             body, more = body + message.get("body", b""), message.get("more_body", False)
         status, content = await self.answer(scope, body)
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": content})
 
     async def answer(self, scope, body: bytes) -> tuple[int, bytes]:
@@ -215,7 +230,8 @@ def test_a_dropped_connection_is_retried_then_named(local):
         listener.close()
     assert len(dropped) == 3  # the first try and two retries
     message = str(err.value)
-    assert f"127.0.0.1:{port}/v1/models gave no answer" in message and "after 3 tries" in message and "\n" not in message
+    assert f"127.0.0.1:{port}/v1/models gave no answer" in message and "after 3 tries" in message
+    assert "\n" not in message
 
 
 def test_the_key_goes_in_a_header_and_never_in_a_message(flaky, server, local, monkeypatch):
@@ -252,7 +268,8 @@ def test_proxy_run_and_eval_run_take_a_base_by_url(server, tiny_family, tmp_path
     code, err = run_in_process("proxy", run, *url_args(server), *args, "proxy.speculative.k=2",
                                out_dir=str(tmp_path / "served"))
     assert code == 0, err
-    assert (tmp_path / "served" / "generations.jsonl").read_text() == (tmp_path / "local" / "generations.jsonl").read_text()
+    served_out, local_out = (tmp_path / d / "generations.jsonl" for d in ("served", "local"))
+    assert served_out.read_text() == local_out.read_text()
     task = ["+task=jsonl", f"task.path={FIXTURES / 'plain.jsonl'}", "generation.max_new_tokens=6", *pair]
     local = evaluate(compose_app("eval", f"base={tiny_family.large}", *task), out_dir=str(tmp_path / "eval-local"))
     remote = evaluate(compose_app("eval", *url_args(server), *task), out_dir=str(tmp_path / "eval-served"))
@@ -303,5 +320,6 @@ def test_proxy_serve_steers_a_base_served_elsewhere(server, tiny_family, local):
     finally:
         for m in models:
             m.batcher.close()
-    want = [g.text for g in steering(local["large"], local, 1.0).generate(PROMPTS, GenerationSettings(max_new_tokens=8))]
+    settings = GenerationSettings(max_new_tokens=8)
+    want = [g.text for g in steering(local["large"], local, 1.0).generate(PROMPTS, settings)]
     assert got == want
