@@ -27,11 +27,11 @@ def test_greedy_output_through_vllm_is_the_local_engine_s(vllm_base, local, k):
     served = RemoteBase(vllm_base.url, local["tok"], model=vllm_base.name)
     assert served.top_logprobs == served.vocab_size  # served with --max-logprobs at the vocabulary
     for alpha in (0.0, 0.5, 1.0, 2.0):
-        for batch in (1, 4):
-            settings = GenerationSettings(max_new_tokens=10, batch_size=batch)
-            want = token_ids(steering(local["base"], local, alpha, k).generate(PROMPTS, settings))
+        for batch, prompts in ((1, PROMPTS[:2]), (4, PROMPTS)):
+            settings = GenerationSettings(max_new_tokens=8, batch_size=batch)
+            want = token_ids(steering(local["base"], local, alpha, k).generate(prompts, settings))
             got = steering(served, local, alpha, k)
-            assert token_ids(got.generate(PROMPTS, settings)) == want, (alpha, batch)
+            assert token_ids(got.generate(prompts, settings)) == want, (alpha, batch)
             stats = got.last_stats  # one request per row a round (a speculative round's is one echo)
             assert stats.base_requests == stats.row_forwards
             if k is not None and stats.accepted:
@@ -40,7 +40,7 @@ def test_greedy_output_through_vllm_is_the_local_engine_s(vllm_base, local, k):
 
 def test_vllm_top_k_is_a_cut_of_the_same_law(vllm_base, local):
     full = RemoteBase(vllm_base.url, local["tok"], model=vllm_base.name)
-    five = RemoteBase(vllm_base.url, local["tok"], model=vllm_base.name, top_logprobs=5)
+    five = RemoteBase(vllm_base.url, local["tok"], model=vllm_base.name, top_logprobs=5, outside="zero")
     row = [local["tok"](PROMPTS[1])["input_ids"]]
     whole, cut = full.next_logprobs(row)[0, 0], five.next_logprobs(row)[0, 0]
     kept = cut > OUTSIDE
