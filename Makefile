@@ -63,6 +63,7 @@ test: setup
 bench: setup
 	WANDB_MODE=offline $(PY) -m scripts.bench_decoding
 	WANDB_MODE=offline $(PY) -m scripts.bench_serving
+	WANDB_MODE=offline $(PY) -m scripts.bench_remote
 
 # the embedded family's proxy-tuned model (after `make demo`), at http://127.0.0.1:8000/
 serve: setup
