@@ -115,7 +115,7 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
         roles.setdefault(p.anti_expert, ("anti_expert", resolve_spec(p.anti_expert, cfg.load.anti_expert)))
     tokenizers = {name: load_tokenizer(spec) for name, (_, spec) in roles.items()}
     if base_spec is None:
-        base = served_base(cfg, pairs)
+        base = served_base(cfg, pairs, served)
         tokenizer = base.tokenizer
     else:
         base = load_model(base_spec, role="base")
@@ -165,10 +165,9 @@ def base_options(cfg: DictConfig) -> tuple[dict, dict | None]:
     return load, None
 
 
-def served_base(cfg: DictConfig, pairs: list[ResolvedPair]) -> RemoteBase:
-    """The base behind an OpenAI-compatible server, read with a local tokenizer: load.base.tokenizer, else
-    the expert's (RemoteBase checks it against the server's own tokenization)."""
-    _, served = base_options(cfg)
+def served_base(cfg: DictConfig, pairs: list[ResolvedPair], served: dict) -> RemoteBase:
+    """The base behind an OpenAI-compatible server (`served`: its load.base options), read with a local
+    tokenizer: load.base.tokenizer, else the expert's (RemoteBase checks it against the server's own)."""
     source = served["tokenizer"] or (pairs[0].expert if pairs else None)
     if source is None:
         raise UserError("a served base decoding alone needs its tokenizer: load.base.tokenizer=<folder or hub id>")
