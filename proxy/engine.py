@@ -288,7 +288,14 @@ class ProxyEngine:
         batch_size = max(1, int(rules.settings.batch_size))
         for i in range(len(out), len(prompts), batch_size):
             ids = None if prompt_ids is None else prompt_ids[i : i + batch_size]
-            done = self._generate_batch(list(prompts[i : i + batch_size]), rules, diagnostics, stats, ids)
+            try:
+                done = self._generate_batch(list(prompts[i : i + batch_size]), rules, diagnostics, stats, ids)
+            except UserError as err:
+                if checkpoint is None or not out:
+                    raise
+                raise UserError(f"{err}; {len(out)} of {len(prompts)} prompts are saved in {checkpoint.path}: the "
+                                f"same command in that folder (hydra.run.dir={checkpoint.path.parent}) goes on "
+                                "from them") from None
             if checkpoint is not None:
                 checkpoint.add(dataclasses.asdict(g) for g in done)
             out += done

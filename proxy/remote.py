@@ -43,6 +43,25 @@ PROBE = "The quick brown fox jumps over the lazy dog. 1, 2, 3: naïve café!"
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+def whole_number(name: str, value: Any, low: int) -> int:
+    """A served-base option that must be a whole number of at least `low`, or one line saying so."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text) or int(text) < low:
+        raise UserError(f"load.base.{name} (lm-eval: base_{name}) must be a whole number of at least {low}, "
+                        f"got {value!r}")
+    return int(text)
+
+
+def seconds(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number > 0 or number == float("inf"):
+        raise UserError(f"load.base.{name} (lm-eval: base_{name}) must be a number of seconds above 0, got {value!r}")
+    return number
+
+
 def is_url(name: Any) -> bool:
     return isinstance(name, str) and re.match(r"^https?://", name) is not None
 
@@ -86,15 +105,20 @@ class Client:
                 last = f"{response.status_code} {error_text(response)}"
                 continue
             if response.status_code >= 400:
-                raise UserError(f"the base at {self.url}{path} answered {response.status_code}: {error_text(response)}")
+                wrong = response.status_code == 404 and not self.url.endswith("/v1")
+                hint = "; a base URL ends in /v1" if wrong else ""
+                raise UserError(f"the base at {self.url}{path} answered {response.status_code}: "
+                                f"{error_text(response)}{hint}")
             try:
                 return read(response.json())
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
                 if isinstance(err, UserError):
                     raise
                 last = f"an answer that is not the JSON expected ({type(err).__name__}: {str(err)[:120]})"
-        raise UserError(f"the base at {self.url}{path} gave {last} after {self.retries + 1} tries; "
-                        "check that the server is up and serving this model")
+        tries = f"{self.retries + 1} {'try' if self.retries == 0 else 'tries'}"
+        hint = " (a base URL ends in /v1)" if not self.url.endswith("/v1") else ""
+        raise UserError(f"the base at {self.url}{path} gave {last} after {tries}; "
+                        f"check that the server is up and serving this model{hint}")
 
     def map(self, fn: Callable, items: Sequence) -> list:
         """fn over the items at once (the rows of a batch), in order."""
@@ -136,16 +160,17 @@ class RemoteBase(GenerationMixin):
                  generation_config: GenerationConfig | None = None, timeout: float = 60.0, retries: int = 4,
                  outside: str = "spread", check_tokenizer: bool = True):
         if outside not in OUTSIDE_RULES:
-            raise UserError(f"load.base.outside must be spread or zero, got {outside!r}: what an unlisted token "
-                            "scores (spread: the base's leftover probability shared evenly; zero: nothing)")
+            raise UserError(f"load.base.outside (lm-eval: base_outside) must be spread or zero, got {outside!r}: "
+                            "what an unlisted token scores (spread: the base's leftover probability shared evenly; "
+                            "zero: nothing)")
         self.outside = outside
         key = None
         if api_key_env:
             key = os.environ.get(str(api_key_env))
             if not key:
-                raise UserError(f"load.base.api_key_env={api_key_env} names no set environment variable; "
-                                f"export {api_key_env}=<the server's key>")
-        self.client = Client(url, key, timeout=timeout, retries=retries)
+                raise UserError(f"load.base.api_key_env={api_key_env} (lm-eval: base_api_key_env) names no set "
+                                f"environment variable; export {api_key_env}=<the server's key>")
+        self.client = Client(url, key, timeout=seconds("timeout", timeout), retries=whole_number("retries", retries, 0))
         self.url, self.tokenizer = self.client.url, tokenizer
         self.vocab_size = len(tokenizer)
         self.model, max_len = self._served_model(model)
@@ -176,8 +201,8 @@ class RemoteBase(GenerationMixin):
     def _top_logprobs(self, wanted: int | None) -> int:
         """K: as asked, or the most the server gives up to the vocabulary (vLLM's --max-logprobs)."""
         if wanted is not None:
-            wanted = int(wanted)
-            if not 1 <= wanted <= self.vocab_size:
+            wanted = whole_number("top_logprobs", wanted, 1)
+            if wanted > self.vocab_size:
                 raise UserError(f"load.base.top_logprobs must be between 1 and the vocabulary ({self.vocab_size}), "
                                 f"got {wanted}")
             self.next_logprobs([self.tokenizer(PROBE)["input_ids"]], wanted)  # refused here, in one line, if too many

@@ -21,7 +21,8 @@ def score_batch(engine, requests, alphas=None, top_k: int = 0) -> list[dict]:
     if partial:
         raise UserError(f"scoring a given text needs the base's whole distribution, and {partial[0].url} gives its "
                         f"top {partial[0].top_logprobs} of {partial[0].vocab_size} tokens; serve it with every "
-                        "log-probability (vLLM: --max-logprobs -1) and set load.base.top_logprobs to the vocabulary")
+                        "log-probability (vLLM: --max-logprobs -1) and set load.base.top_logprobs (lm-eval: base_top_logprobs) "
+                        "to the vocabulary")
     logits = {}
     for key, stream in engine.streams.items():
         rows = []

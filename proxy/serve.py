@@ -79,6 +79,8 @@ def serve(cfg: DictConfig) -> None:
     except (TypeError, ValueError):
         raise UserError(f"server.port must be a port number, got {cfg.server.port!r}") from None
     with socket.socket() as sock:  # before the models load: a port in use is the user's to change
+        # as uvicorn binds: a port whose last server just closed (connections in TIME_WAIT) is free to take
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((cfg.server.host, port))
         except OSError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import FIXTURES, ROOT, assert_one_error_line, compose_app, run_in_process
 
+from core.errors import UserError
 from proxy.run import run as proxy_run
 
 pytestmark = pytest.mark.faults
@@ -269,15 +270,19 @@ def test_a_run_interrupted_mid_way_goes_on_from_the_prompts_it_finished(tiny_fam
                       f"anti_expert={tiny_family.small}", f"prompts={path}", "logger=none",
                       "generation.max_new_tokens=6", "generation.batch_size=2")
     run(cfg, out_dir=str(tmp_path / "whole"))
-    batches, real = [], ProxyEngine._generate_batch
+    batches, real, failure = [], ProxyEngine._generate_batch, [UserError("the base went away")]
 
     def dies_at_the_third_batch(self, batch, *args, **kwargs):
         batches.append(list(batch))
         if len(batches) == 3:
-            raise KeyboardInterrupt
+            raise failure[0]
         return real(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(ProxyEngine, "_generate_batch", dies_at_the_third_batch)
+    with pytest.raises(UserError, match=r"4 of 6 prompts are saved in .*checkpoint.jsonl: the same command"):
+        run(cfg, out_dir=str(tmp_path / "failed"))  # a served base that went away: one line says how to go on
+    batches.clear()
+    failure[0] = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
         run(cfg, out_dir=str(tmp_path / "cut"))
     assert (tmp_path / "cut" / "checkpoint.jsonl").exists() and not (tmp_path / "cut" / "generations.jsonl").exists()

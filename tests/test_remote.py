@@ -101,7 +101,7 @@ def test_top_k_keeps_plain_and_speculative_rounds_alike_and_counts_requests(serv
     else:  # the probability the base left to them, shared evenly: the row is a law again
         assert float(lp[rest].max() - lp[rest].min()) == 0.0
         assert float(torch.logsumexp(lp, -1)) == pytest.approx(0.0, abs=1e-5)
-    with pytest.raises(UserError, match="load.base.outside must be spread or zero"):
+    with pytest.raises(UserError, match=r"load.base.outside \(lm-eval: base_outside\) must be spread or zero"):
         served(server, local, outside="uniform")
 
 
@@ -122,8 +122,14 @@ def test_the_served_model_and_the_tokenizer_are_checked(server, local, tiny_fami
         RemoteBase(server["url"], local["tok"], model="nope")
     with pytest.raises(UserError, match="tokenizes a probe text differently"):
         RemoteBase(server["url"], load_tokenizer(tiny_family.foreign), model=server["base"])
-    with pytest.raises(UserError, match="top_logprobs must be between 1"):
-        served(server, local, top_logprobs=0)
+    for wrong in (0, 1.5, "x", True):
+        with pytest.raises(UserError, match=r"top_logprobs \(lm-eval: base_top_logprobs\) must be a whole number"):
+            served(server, local, top_logprobs=wrong)
+    with pytest.raises(UserError, match="top_logprobs must be between 1 and the vocabulary"):
+        served(server, local, top_logprobs=10**6)
+    for option, wrong in (("timeout", "abc"), ("timeout", 0), ("retries", -1), ("retries", "x")):
+        with pytest.raises(UserError, match=f"load.base.{option} "):
+            served(server, local, **{option: wrong})
 
 
 # ---------------------------------------------------------------------------- faults
