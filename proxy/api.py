@@ -38,7 +38,6 @@ from core.errors import UserError
 from proxy.batcher import Batcher, Busy, Request
 from proxy.decoding import GenerationSettings
 from proxy.options import check_alpha
-from proxy.scoring import score_batch
 from proxy.text import generated_text
 
 PAGE = Path(__file__).with_name("page.html")
@@ -381,7 +380,6 @@ async def echo_logprobs(model: Served, prompts, alpha: float | None, top: int) -
     """Each prompt's own tokens with their log-probabilities under the model at this strength, and at each
     position the `top` likeliest tokens, (text, logprob, id) best first (the first token has none)."""
     engine = model.batcher.engine
-    alphas = [alpha] + [p.alpha for p in engine.pairs[1:]] if alpha is not None and engine.pairs else None
 
     @torch.inference_mode()
     def score():
@@ -393,7 +391,7 @@ async def echo_logprobs(model: Served, prompts, alpha: float | None, top: int) -
             echoed = {"ids": list(ids), "tokens": tokens, "offsets": offsets, "end": len(engine.tokenizer.decode(ids)),
                       "token_logprobs": [None] * len(ids), "top": [None] * len(ids)}
             if len(ids) > 1:
-                s = score_batch(engine, [(text, ids[:1], ids[1:])], alphas, top_k=top)[0]
+                s = engine.score_tokens([(text, ids[:1], ids[1:])], alpha=alpha, top_k=top)[0]
                 ranked = zip(s["top_k_ids"], s["top_k_logprobs"]) if top else [((), ())] * (len(ids) - 1)
                 alternatives = [[(generated_text(engine.tokenizer, [i]), lp, i) for i, lp in zip(best, lps)]
                                 for best, lps in ranked]

@@ -367,15 +367,16 @@ class ProxyEngine:
 
     @torch.inference_mode()
     def score_tokens(self, requests: Sequence[tuple[str | None, list[int], list[int]]], batch_size: int = 8,
-                     alpha: float | None = None) -> list[dict]:
+                     alpha: float | None = None, top_k: int = 0) -> list[dict]:
         """Like `score`, for requests (context text or None, context ids, continuation ids) with ids in the
         base's vocabulary: every stream that reads the prompt raw takes the context ids; a stream with its
         own rendering reads the context text through it (the ids, where there is no text). `alpha`: the
-        first pair's strength for these requests (default: its own)."""
+        first pair's strength for these requests (default: its own); `top_k`: also each position's k
+        likeliest tokens (proxy.scoring.score_batch)."""
         alphas = None
         if alpha is not None and self.pairs:
             alphas = [check_alpha(alpha)] + [p.alpha for p in self.pairs[1:]]
         results = []
         for i in range(0, len(requests), batch_size):
-            results += score_batch(self, requests[i : i + batch_size], alphas)
+            results += score_batch(self, requests[i : i + batch_size], alphas, top_k)
         return results
