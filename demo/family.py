@@ -5,6 +5,10 @@
 The large base (~2M parameters) memorises every person's facts, held-out people included;
 the small base (~0.2M) does not. Neither has seen a question. Pretraining runs by epochs,
 not wall clock: memorisation has a sharp threshold in epochs (docs/tiny-world.md).
+
+Beside it, `build_other_small` pretrains a small base of another tokenizer family on the same corpus
+(a Metaspace BPE, as Llama-2's, of another size; its own special tokens), cached in <family>/other:
+an expert tuned from it steers the large base through text (proxy.cross).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import (
     DataCollatorForLanguageModeling,
@@ -79,6 +83,25 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
         model_max_length=MAX_LENGTH,
         padding_side="left",  # generation pads on the left; training code sets its own side
     )
+
+
+# the other family's tokenizer: sentencepiece-style words ("▁" marks a space), no byte alphabet
+OTHER = {"full": {"vocab_size": 1536}, "test": {"vocab_size": 384}}
+
+
+def build_other_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A Metaspace BPE (Llama-2's kind of tokenizer, without its byte fallback) over the corpus's characters
+    and every printable ASCII one, with special tokens of its own."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    alphabet = sorted({ch for line in corpus for ch in line} | {chr(c) for c in range(32, 127)} | {"\n", "\t"})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=MAX_LENGTH, padding_side="left")
 
 
 def llama_config(size: dict, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
@@ -261,6 +284,40 @@ def _build_into(folder: Path, settings: dict) -> dict:
             "epoch_losses": [round(x, 4) for x in losses],
         }
     return report
+
+
+def build_other_small(family: str | Path, seed: int = 0, scale: str = "full") -> Path:
+    """The small base of the other tokenizer family (cached in <family>/other/small, keyed like the family)."""
+    folder = Path(family) / "other"
+    settings = {**family_settings(seed, scale), "other": OTHER[scale]}
+    if _cached(folder, settings):
+        return folder / "small"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    staging = Path(tempfile.mkdtemp(prefix=".other.building-", dir=family))
+    try:
+        world = world_lib.make_world(seed, settings["n_people"])
+        corpus = world_lib.pretraining_corpus(world)
+        tokenizer = build_other_tokenizer(corpus, OTHER[scale]["vocab_size"])
+        size = settings["small"]
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(llama_config(size, tokenizer))
+        t0 = time.time()
+        losses = pretrain(model, tokenizer, corpus, epochs=size["epochs"], lr=size["lr"],
+                          batch_size=settings["batch_size"], seed=seed, desc="pretrain other small")
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(staging / "small")
+        tokenizer.save_pretrained(staging / "small")
+        report = {"settings": settings, "parameters": sum(p.numel() for p in model.parameters()),
+                  "pretrain_seconds": round(time.time() - t0, 1), "epoch_losses": [round(x, 4) for x in losses]}
+        (staging / "family.json").write_text(json.dumps(report, indent=2) + "\n")
+        apply_umask(staging)
+        _replace_dir(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        torch.set_num_threads(threads)
+    return folder / "small"
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -109,6 +109,7 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
     base_spec = resolve_spec(cfg.base, local) if served is None else None
     tokenizer = load_tokenizer(base_spec) if base_spec else None
     shared = bool(cfg.proxy.get("shared_pair")) and len(pairs) > 0
+    cross = cfg.proxy.get("cross") or {}
     roles = {}
     for p in pairs[1:] if shared else pairs:
         roles.setdefault(p.expert, ("expert", resolve_spec(p.expert, cfg.load.expert)))
@@ -138,14 +139,20 @@ def build_engine(cfg: DictConfig, pairs: list[ResolvedPair] | None = None) -> tu
         expert, anti = models[p.expert], models[p.anti_expert]
         fmt = expert_format(p, tokenizers[p.expert], tokenizers[p.anti_expert], expert, anti)
         steering.append(SteeringPair(expert, anti, p.alpha, fmt, p.name, tokenizer=tokenizers[p.expert],
-                                     anti_tokenizer=tokenizers[p.anti_expert]))
+                                     anti_tokenizer=tokenizers[p.anti_expert], cross=True if cross.get("force") else None))
     k = (cfg.proxy.get("speculative") or {}).get("k")
-    options = {"parallel": bool(cfg.proxy.get("parallel")), "plausibility": cfg.proxy.get("plausibility") or 0.0}
+    options = {"parallel": bool(cfg.proxy.get("parallel")), "plausibility": cfg.proxy.get("plausibility") or 0.0,
+               "candidates": cross.get("candidates", 16)}
     if k is not None and steering:
         from proxy.speculative import SpeculativeProxyEngine
 
         return SpeculativeProxyEngine(base, tokenizer, steering, k=k, **options), pairs
-    return ProxyEngine(base, tokenizer, steering, base_format=alone_format(cfg.base, steering), **options), pairs
+    engine = ProxyEngine(base, tokenizer, steering, base_format=alone_format(cfg.base, steering), **options)
+    for pair in engine.pairs:
+        if pair.cross and not cross.get("force"):
+            print(f"expert '{pair.name}' has a tokenizer of another family than the base's: its offset is carried "
+                  f"over through text, over {engine.candidates} candidate tokens a step (proxy.cross)", file=sys.stderr)
+    return engine, pairs
 
 
 SERVED_OPTIONS = ("model", "tokenizer", "top_logprobs", "outside", "api_key_env", "timeout", "retries")

@@ -29,7 +29,7 @@ def proxy_logits(
     """s_base + sum_i alpha_i * (s_expert_i - s_anti_i), in float32 on the base's device.
 
     base: (..., V); each offset is (alpha, expert (..., V), anti (..., V)), all over the shared vocabulary
-    (`shared_logits`). alpha is a number, or a tensor that broadcasts against the logits (one per row).
+    (`shared_logits`), or (alpha, offset (..., V), None). alpha is a number, or a tensor that broadcasts against the logits (one per row).
     plausibility > 0: only tokens that the base or a steering expert finds plausible keep their score, the
     others drop by RULED_OUT (`plausible_tokens`), in every row some pair steers (alpha != 0); 0 keeps
     every token, the paper's rule.
@@ -39,6 +39,9 @@ def proxy_logits(
     experts = []
     for alpha, expert, anti in offsets:
         if isinstance(alpha, (int, float)) and alpha == 0:
+            continue
+        if anti is None:  # an offset given whole (a pair of another tokenizer, proxy.cross): no plausible set of its own
+            scores = scores + alpha * expert.to(scores.device, torch.float32)
             continue
         expert = expert.to(scores.device, torch.float32)
         anti = anti.to(scores.device, torch.float32)

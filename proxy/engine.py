@@ -25,7 +25,7 @@ from core.errors import UserError
 from core.jobs import Checkpoint
 from proxy.combine import proxy_logits, shared_logits
 from proxy.decoding import DecodeRules, GenerationSettings
-from proxy.options import check_alpha, check_plausibility
+from proxy.options import check_alpha, check_candidates, check_plausibility
 from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
 from proxy.scoring import score_batch
 from proxy.step import Generation, Rows, next_tokens
@@ -33,6 +33,15 @@ from proxy.streams import left_pad, logit_width, model_device, open_stream
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
 __all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair"]
+
+
+def is_cross(pair: SteeringPair, base_tokenizer) -> bool:
+    """Whether a pair's tokenizer is of another family than the base's (their ids disagree)."""
+    try:
+        shared_vocab_size({"base": base_tokenizer, "expert": pair.tokenizer or base_tokenizer})
+    except UserError:
+        return True
+    return False
 
 
 @dataclass
@@ -47,6 +56,8 @@ class SteeringPair:
     shared: bool = False  # expert and anti-expert are one SharedLoraPair: its logits are [expert | anti]
     tokenizer: object = None  # the expert's own tokenizer (default: the base's)
     anti_tokenizer: object = None  # the anti-expert's own tokenizer (default: the base's)
+    cross: bool | None = None  # its offset carried over through text (proxy.cross); None: where its tokenizer is
+    # not the base's
 
 
 @dataclass
@@ -109,6 +120,7 @@ class Stream:
     tokenizer: object
     fmt: str | None
     ends: list[int]
+    cross: bool = False  # a model of a pair of another tokenizer (proxy.cross): it never reads the base's ids
 
     @property
     def pad_id(self) -> int:
@@ -136,10 +148,14 @@ class ProxyEngine:
     The base and anti-experts read the raw prompt; each expert reads its own rendering of it
     (`SteeringPair.expert_format`). A model passed in more than one role with the same rendering runs
     once per step. `tokenizers` adds tokenizers to the vocabulary check (role -> tokenizer).
+
+    A pair whose tokenizer is not the base's steers through text (proxy.cross): at each step its offset is
+    scored over `candidates` of the base's tokens by what they spell.
     """
 
     def __init__(self, base, tokenizer, pairs: Sequence[SteeringPair] = (), tokenizers: dict | None = None,
-                 parallel: bool = False, base_format: str | None = None, plausibility: float = 0.0):
+                 parallel: bool = False, base_format: str | None = None, plausibility: float = 0.0,
+                 candidates: int = 16):
         self.base = base
         self.plausibility = check_plausibility(plausibility)  # proxy.plausibility (proxy.combine.plausible_tokens)
         self.tokenizer = tokenizer
@@ -151,7 +167,11 @@ class ProxyEngine:
                 raise UserError("a shared LoRA pair reads one rendering of the prompt: drop proxy.expert_format")
         roles = {"base": tokenizer, **(tokenizers or {})}
         widths = {"base": logit_width(base)}
+        self.candidates = check_candidates(candidates)
         for pair in self.pairs:
+            pair.cross = is_cross(pair, tokenizer) if pair.cross is None else bool(pair.cross)
+            if pair.cross:
+                continue
             roles[f"expert '{pair.name}'"] = pair.tokenizer or tokenizer
             roles[f"anti-expert of '{pair.name}'"] = pair.anti_tokenizer or tokenizer
             widths[f"expert '{pair.name}'"] = logit_width(pair.expert)
@@ -159,7 +179,7 @@ class ProxyEngine:
         self.vocab_size = shared_vocab_size(roles, widths)
         self.device = model_device(base)
         self.streams, self.base_key, self.pair_keys = self._stream_plan()
-        self.stop_ids = stop_set([s.ends for s in self.streams.values()], self.vocab_size)
+        self.stop_ids = stop_set([self._base_ends(s) for s in self.streams.values()], self.vocab_size)
         if not self.stop_ids:
             raise UserError("no model of the run names an end-of-sequence token; set one in its generation config")
         base_ends = [i for i in self.streams[self.base_key].ends if i < self.vocab_size]
@@ -168,32 +188,79 @@ class ProxyEngine:
         self.last_stats = DecodeStats()
         self.parallel = parallel and bool(self.pairs)  # the small models in a second process (proxy.parallel)
         self._worker = None
+        self.bridges = {i: self._bridge(i) for i, p in enumerate(self.pairs) if p.cross}
+        if self.bridges and self.parallel:
+            raise UserError("proxy.parallel does not run an expert of another tokenizer (proxy.cross); drop one")
 
     # -- streams ----------------------------------------------------------------------------------
     def _stream_plan(self):
         """Distinct (model, prompt format) streams, and for each pair the keys of its two streams."""
         streams: dict[tuple, Stream] = {}
 
-        def key_for(model, tokenizer, fmt):
+        def key_for(model, tokenizer, fmt, cross=False):
             fmt = None if fmt in (None, RAW) else fmt
             key = (id(model), fmt)
             if key not in streams:
-                streams[key] = Stream(model, tokenizer, fmt, end_ids(model, tokenizer))
+                streams[key] = Stream(model, tokenizer, fmt, end_ids(model, tokenizer), cross)
             return key
 
         base_key = key_for(self.base, self.tokenizer, self.base_format)
         pair_keys = []
         for p in self.pairs:
-            expert_key = key_for(p.expert, p.tokenizer or self.tokenizer, p.expert_format)
-            anti_key = expert_key if p.shared else key_for(p.anti_expert, p.anti_tokenizer or self.tokenizer, None)
+            expert_key = key_for(p.expert, p.tokenizer or self.tokenizer, p.expert_format, p.cross)
+            anti_key = expert_key if p.shared else key_for(p.anti_expert, p.anti_tokenizer or self.tokenizer, None,
+                                                           p.cross)
             pair_keys.append((expert_key, anti_key))
         return streams, base_key, pair_keys
+
+    def _base_ends(self, stream: Stream) -> list[int]:
+        """The base's ids a stream ends on: its own, or (a model of another tokenizer) those of its end tokens
+        that the base has too (the same token)."""
+        if not stream.cross:
+            return stream.ends
+        table = self.tokenizer.get_vocab()
+        return [table[t] for t in stream.tokenizer.convert_ids_to_tokens(stream.ends) if t in table]
+
+    def _bridge(self, i: int):
+        """Pair i's vocabulary bridge to the base's (proxy.bridge), for a pair of another tokenizer."""
+        from proxy.bridge import Bridge, Vocabulary
+
+        pair, (e, a) = self.pairs[i], self.pair_keys[i]
+        if pair.shared:
+            raise UserError("proxy.shared_pair runs a LoRA expert of the base's own tokenizer; this expert's "
+                            "tokenizer is another (proxy.cross): set proxy.shared_pair=false")
+        small = pair.tokenizer or self.tokenizer
+        shared_vocab_size({f"expert '{pair.name}'": small, f"anti-expert of '{pair.name}'": pair.anti_tokenizer or small})
+        ends = self.streams[e].ends + self.streams[a].ends
+        base = Vocabulary(self.tokenizer, self.streams[self.base_key].ends)
+        return Bridge(base, Vocabulary(small, ends), self.stop_ids)
+
+    def open_runners(self) -> dict:
+        """A fresh runner for every stream that reads the base's ids, and one per pair of another tokenizer."""
+        from proxy.cross import CrossPair
+
+        runners = {key: open_stream(s.model) for key, s in self.streams.items() if not s.cross}
+        for i, bridge in self.bridges.items():
+            runners[("cross", i)] = CrossPair(bridge, self.pairs[i].expert, self.pairs[i].anti_expert, self.candidates)
+        return runners
+
+    def prefill_runners(self, runners: dict, padded: dict) -> dict:
+        """Start the runners on the prompts (every stream's (ids, mask)): the first logits by key (a pair of
+        another tokenizer: its proxy.cross.CrossPair)."""
+        logits = {}
+        for key, runner in runners.items():
+            if key[0] == "cross":
+                e, a = self.pair_keys[key[1]]
+                logits[key] = runner.prefill(padded[e], padded[a])
+            else:
+                logits[key] = runner.prefill(*padded[key])
+        return logits
 
     def encode(self, prompt: str, fmt: str | None = None, key: tuple | None = None) -> list[int]:
         """The ids a stream reads for a prompt (by default the base's stream, or the first with format `fmt`)."""
         if key is None:
             fmt = None if fmt in (None, RAW) else fmt
-            key = next((k for k in self.streams if k[1] == fmt), self.base_key)
+            key = next((k for k, s in self.streams.items() if k[1] == fmt and not s.cross), self.base_key)
         return self.streams[key].encode(prompt)
 
     def _small_model_worker(self):
@@ -224,7 +291,8 @@ class ProxyEngine:
         rendering still reads the text."""
         encoded = {}
         for key, stream in self.streams.items():
-            row = (list(ids) or stream.empty_prompt_ids) if ids is not None and stream.fmt is None else stream.encode(prompt)
+            raw_ids = ids is not None and stream.fmt is None and not stream.cross
+            row = (list(ids) or stream.empty_prompt_ids) if raw_ids else stream.encode(prompt)
             limit = self.context_limit(stream.model)
             if limit is not None and len(row) + extra > limit:
                 shown = prompt if isinstance(prompt, str) else plain_text(prompt)
@@ -252,15 +320,18 @@ class ProxyEngine:
         """The proxy scores over the shared vocabulary from every stream's logits (key -> (..., V)); with
         `constrained`, under proxy.plausibility (decoding), else the paper's law (scoring a given text)."""
         offsets = []
+        base = self.view(self.base_key, logits[self.base_key])
         for i, (p, (e, a)) in enumerate(zip(self.pairs, self.pair_keys)):
             alpha = p.alpha if alphas is None else alphas[i]
-            if p.shared:  # one stream whose logits are [expert | anti-expert]
+            if p.cross:  # its proxy.cross.CrossPair scores the base's candidates through text
+                offsets.append((alpha, logits[("cross", i)].offset(base), None))
+            elif p.shared:  # one stream whose logits are [expert | anti-expert]
                 width = logits[e].shape[-1] // 2
                 offsets.append((alpha, self.view(e, logits[e][..., :width]), self.view(e, logits[e][..., width:])))
             else:
                 offsets.append((alpha, self.view(e, logits[e]), self.view(a, logits[a])))
         # the scores meet on the device of the base's inputs (a base split over GPUs ends on another one)
-        return proxy_logits(self.view(self.base_key, logits[self.base_key]).to(self.device), offsets,
+        return proxy_logits(base.to(self.device), offsets,
                             self.plausibility if constrained else 0.0)
 
     def rules(self, settings: GenerationSettings) -> DecodeRules:
@@ -306,12 +377,12 @@ class ProxyEngine:
     def _prefill(self, padded: dict) -> tuple[dict, dict, object]:
         """Start every stream on its prompts: (first logits by key, local runners, the worker or None)."""
         worker = self._small_model_worker() if self.parallel else None
-        local = [self.base_key] if worker else list(self.streams)
-        runners = {key: open_stream(self.streams[key].model) for key in local}
-        logits = worker.prefill({k: v for k, v in padded.items() if k != self.base_key}) if worker else {}
-        for key, runner in runners.items():
-            logits[key] = runner.prefill(*padded[key])
-        return logits, runners, worker
+        if worker:
+            runners = {self.base_key: open_stream(self.base)}
+            logits = worker.prefill({k: v for k, v in padded.items() if k != self.base_key})
+            return {**logits, **self.prefill_runners(runners, padded)}, runners, worker
+        runners = self.open_runners()
+        return self.prefill_runners(runners, padded), runners, worker
 
     def _generate_batch(self, prompts, rules: DecodeRules, diagnostics, stats, prompt_ids=None) -> list[Generation]:
         padded = self.encode_batch(prompts, rules.max_new_tokens + self.draft_margin(len(prompts)), prompt_ids)

@@ -12,7 +12,7 @@ from core.errors import UserError
 from proxy.decoding import GenerationSettings
 
 KNOWN_PROXY_OPTIONS = {"alpha", "expert_format", "extra_pairs", "diagnostics", "speculative", "shared_pair", "parallel",
-                       "plausibility"}
+                       "plausibility", "cross"}
 
 
 def check_alpha(alpha: float) -> float:
@@ -39,6 +39,15 @@ def check_plausibility(fraction: float) -> float:
     return fraction
 
 
+def check_candidates(candidates) -> int:
+    """proxy.cross.candidates: how many of the base's tokens (and of the expert's) a pair of another tokenizer scores."""
+    text = str(candidates)
+    if isinstance(candidates, bool) or not text.isdigit() or int(text) < 1:
+        raise UserError(f"proxy.cross.candidates must be a whole number of at least 1, got {candidates!r}; "
+                        "try proxy.cross.candidates=16")
+    return int(text)
+
+
 def check_proxy_options(cfg: DictConfig) -> None:
     """The `proxy` group, refused before any model loads where an option is unknown or wrong, or two cannot
     combine (the pairs' alphas are checked as they are resolved, proxy.build.resolve_pair)."""
@@ -46,6 +55,13 @@ def check_proxy_options(cfg: DictConfig) -> None:
     if unknown:
         raise UserError(f"unknown proxy option(s) {unknown}; known: {sorted(KNOWN_PROXY_OPTIONS)}")
     check_plausibility(cfg.proxy.get("plausibility") or 0.0)
+    cross = cfg.proxy.get("cross") or {}
+    unknown = sorted(set(cross) - {"candidates", "force"})
+    if unknown:
+        raise UserError(f"unknown proxy.cross option(s) {unknown}; known: ['candidates', 'force']")
+    check_candidates(cross.get("candidates", 16))
+    if not isinstance(cross.get("force", False), bool):
+        raise UserError(f"proxy.cross.force must be true or false, got {cross.get('force')!r}")
     if cfg.proxy.get("diagnostics") and (cfg.proxy.get("speculative") or {}).get("k") is not None:
         raise UserError("proxy.diagnostics is not available with speculative decoding; turn one off")
 

@@ -23,6 +23,10 @@ def score_batch(engine, requests, alphas=None, top_k: int = 0) -> list[dict]:
                         f"top {partial[0].top_logprobs} of {partial[0].vocab_size} tokens; serve it with every "
                         "log-probability (vLLM: --max-logprobs -1) and set load.base.top_logprobs (lm-eval: base_top_logprobs) "
                         "to the vocabulary")
+    if engine.bridges:
+        raise UserError("scoring a given text (loglikelihood, multiple choice, echo) with an expert of another "
+                        "tokenizer family (proxy.cross) is not supported: its offset is scored over candidates as "
+                        "it decodes; use generation tasks, or an expert of the base's tokenizer")
     logits = {}
     for key, stream in engine.streams.items():
         rows = []

@@ -56,6 +56,9 @@ class SpeculativeProxyEngine(ProxyEngine):
             raise UserError("speculative decoding drafts with an expert: give at least one expert")
         if self.parallel:
             raise UserError("proxy.parallel and proxy.speculative.k do not combine yet; choose one")
+        if self.bridges:
+            raise UserError("speculative decoding drafts in the base's own tokens, and this expert has a tokenizer of "
+                            "another family (proxy.cross); drop proxy.speculative.k")
         for stream in self.streams.values():
             AttentionLayout(stream.model).check_rollback("speculative decoding (proxy.speculative.k)")
         # k and, for `auto`, what it has measured carry over from batch to batch and call to call

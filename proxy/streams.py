@@ -122,20 +122,26 @@ class ModelStream:
             return None  # spares building a mask per forward
         if self.layout.window is None or not self.layout.supported:
             return self.mask
+        real = self.mask.bool()[:, None, :]  # (B, 1, S)
+        past = self.pos[:, None, :] <= query_pos[:, :, None]  # (B, n, S)
+        return self._masks(real & past, query_pos, self.pos)
+
+    def _masks(self, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
+        """The attention_mask for queries (B, n) over keys (B, S) that `allowed` (B, n, S) lets them see:
+        4-D additive masks, the window of sliding layers counted in positions."""
         dtype = self.model.get_input_embeddings().weight.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        real = self.mask.bool()[:, None, :]  # (B, 1, S)
-        past = self.pos[:, None, :] <= query_pos[:, :, None]  # (B, n, S)
-        causal = real & past
-        sliding = causal & (query_pos[:, :, None] - self.pos[:, None, :] < self.layout.window)
 
-        def additive(allowed):
-            return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, n, S)
+        def additive(seen):
+            return torch.zeros(seen.shape, dtype=dtype, device=self.device).masked_fill(
+                ~seen, torch.finfo(dtype).min)[:, None]  # (B, 1, n, S)
 
+        if self.layout.window is None:
+            return additive(allowed)
+        sliding = allowed & (query_pos[:, :, None] - key_pos[:, None, :] < self.layout.window)
         if self.layout.mixed:
-            return {"full_attention": additive(causal), "sliding_attention": additive(sliding)}
+            return {"full_attention": additive(allowed), "sliding_attention": additive(sliding)}
         return additive(sliding)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int = 0):
@@ -173,6 +179,36 @@ class ModelStream:
         logits = self._forward(tokens, positions)
         self.next_pos = self.next_pos + n
         return logits
+
+    @torch.inference_mode()
+    def branches(self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, V) after each node of a tree of tokens (B, N) that grows from each row's text:
+        node i follows the row's slots and its ancestors (parents[r, i]: the node it follows, -1 for the text
+        itself). One forward for every branch; the cache is left as it was. `valid` (B, N): real nodes."""
+        b, n = tokens.shape
+        tokens, parents, valid = tokens.to(self.device), parents.to(self.device), valid.to(self.device)
+        seen = torch.eye(n, dtype=torch.bool, device=self.device).expand(b, n, n).clone()
+        depth = torch.zeros(b, n, dtype=torch.long, device=self.device)
+        at = parents.clone()
+        rows = torch.arange(b, device=self.device)[:, None].expand(b, n)
+        cols = torch.arange(n, device=self.device)[None, :].expand(b, n)
+        for _ in range(n):  # walk every node up to the text, marking its ancestors
+            up = at >= 0
+            if not up.any():
+                break
+            seen[rows[up], cols[up], at[up]] = True
+            depth += up.long()
+            at = torch.where(up, parents.gather(1, at.clamp_min(0)), at)
+        positions = self.next_pos + depth
+        length = self.mask.shape[1]
+        text = self.mask.bool()[:, None, :].expand(b, n, length) & valid[:, :, None]
+        allowed = torch.cat([text, seen & valid[:, None, :]], dim=-1)
+        key_pos = torch.cat([self.pos, positions], dim=-1)
+        out = self.model(input_ids=tokens, attention_mask=self._masks(allowed, positions, key_pos),
+                         position_ids=positions, use_cache=True, **{self.cache_argument: self.cache})
+        self.forwards += 1
+        self.cache.crop(-n)  # the branches leave the cache
+        return out.logits
 
     def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one new token per row (B,); return the next logits (B, V)."""

@@ -1,0 +1,223 @@
+"""An expert and anti-expert of another tokenizer family steering the base: their offset carried over
+through the text the base's tokens spell.
+
+At each step, for the base's candidate tokens c (its top `candidates`, the tokens where the expert's top
+`candidates` go, and the base's end ids), each small model m scores the text c would add:
+
+    S_m(c) = log P_m(small ids spelling pending + c)        the last of them as any small token that
+                                                              starts with it and runs past c's end where
+                                                              the base has no longer token
+    offset(c) = alpha * (log softmax_C S_expert(c) - log softmax_C S_anti(c))     0 outside C
+
+and the proxy is s_base + offset, as the same-tokenizer engine's s_base + alpha * (s_expert - s_anti).
+The spellings of several small ids are scored in one forward per model (a tree of branches over the
+small models' caches, proxy.streams.ModelStream.branches). When c is picked, the small models read its
+spelling; a last small token that might run on into the next base token is held back (`pending`) and
+spelt again with it. For a pair of the base's own tokenizer every spelling is the base's own id and
+nothing is held back, so C covering the vocabulary gives the same-tokenizer engine's tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from proxy.bridge import Bridge
+from proxy.streams import ModelStream, open_stream
+
+END = -1  # a spelling's last piece that stands for the small pair's end of text
+
+
+class CrossPair:
+    """The small pair's two streams (expert, anti-expert) reading the base's text, row by row."""
+
+    def __init__(self, bridge: Bridge, expert, anti, candidates: int):
+        self.bridge, self.candidates = bridge, int(candidates)
+        self.streams: list[ModelStream] = [open_stream(expert), open_stream(anti)]
+        self.logp: list[torch.Tensor] = []  # per stream (B, V_small): the next small token's log-probabilities
+        self.pending: list[bytes] = []  # per row: bytes of the text not yet read by the small models
+        self.plans: list[dict] = []  # per row, from the last offset: base id -> (spelling, held back)
+
+    @property
+    def forwards(self) -> int:
+        return sum(s.forwards for s in self.streams)
+
+    def prefill(self, expert: tuple[torch.Tensor, torch.Tensor], anti: tuple[torch.Tensor, torch.Tensor]) -> "CrossPair":
+        self.logp = [torch.log_softmax(s.prefill(*p).float(), -1) for s, p in zip(self.streams, (expert, anti))]
+        self.pending = [b""] * len(expert[0])
+        self.plans = [{} for _ in self.pending]
+        return self
+
+    # -- the offset ---------------------------------------------------------------------------------
+    def offset(self, base: torch.Tensor) -> torch.Tensor:
+        """log q_expert(c) - log q_anti(c) over each row's candidates C (0 elsewhere): (B, V_base)."""
+        out = torch.zeros(base.shape, dtype=torch.float32)
+        k = min(self.candidates, base.shape[-1])
+        base_top = base.topk(k, dim=-1).indices.tolist()
+        expert_top = self.logp[0].topk(min(k, self.logp[0].shape[-1]), dim=-1).indices.tolist()
+        bridge = self.bridge
+        spelt = []  # per row: [(base id, ids, [(where the open word's i-th cut falls in ids, its cover)])]
+        for r, pending in enumerate(self.pending):
+            wanted = set(range(base.shape[-1])) if k >= base.shape[-1] else (
+                set(base_top[r]) | bridge.proposals(pending, expert_top[r]) | set(bridge.base_stops))
+            row, plans = [], {}
+            for c in sorted(wanted):
+                if c in bridge.base_stops:
+                    head = bridge.spell_text(pending) if pending else ((), b"")
+                    if head is not None:
+                        row.append((c, (*head[0], END), [(len(head[0]), bridge.end_cover(c))]))
+                    continue
+                plan = bridge.spelling(pending, c)
+                if plan is None or not plan[0]:
+                    continue
+                ids, word = plan
+                plans[c] = plan
+                row.append((c, ids, self._cuts(ids, word, c)))
+            spelt.append(row)
+            self.plans[r] = plans
+        scores = self._scores(spelt)
+        for r, row in enumerate(spelt):
+            if len(row) < 2:
+                continue  # nothing to choose between: no steering
+            ids = torch.tensor([c for c, _, _ in row])
+            expert, anti = (torch.log_softmax(torch.tensor(s[r]), -1) for s in scores)
+            out[r, ids] = expert - anti
+        return out.to(base.device)
+
+    def _cuts(self, ids: tuple[int, ...], word: bytes, c: int) -> list[tuple[int, list[int]]]:
+        """Where the text may go on from in one small token: after the ids before each piece of the open word,
+        a token that writes the rest of the word (and maybe more) in one. The last piece's cover holds the
+        piece itself (for a pair of the base's tokenizer: the base's own token, and nothing else)."""
+        bridge = self.bridge
+        last = len(ids) - 1
+        if bridge.identical:
+            return [(last, [ids[-1]])]
+        cuts = [(last, [ids[-1], *[t for t in bridge.covers(bridge.small.bytes[ids[-1]], c) if t != ids[-1]]])]
+        if not word:
+            return cuts
+        held = len(bridge.small.spell(word) or ())
+        lengths = [len(bridge.small.bytes[i] or b"") for i in ids]
+        if held < 2 or sum(lengths[-held:]) != len(word):  # (a word-level tokenizer's spaces): the last cut only
+            return cuts
+        rest = lengths[last]
+        for n in range(last - 1, len(ids) - held - 1, -1):  # the cuts before the open word's earlier pieces
+            rest += lengths[n]
+            cover = bridge.covers(word[len(word) - rest:], c)
+            if cover:
+                cuts.append((n, cover))
+        return cuts
+
+    def _scores(self, spelt: list[list]) -> list[list[list[float]]]:
+        """Each model's log-probability of each candidate's text: sum over the cuts of the open word of
+        P(the ids before the cut) * P(one token of the cut's cover)."""
+        # the tree: one node per distinct proper prefix of a spelling, shared by the candidates that have it
+        nodes: list[dict[tuple, int]] = []
+        for row in spelt:
+            index: dict[tuple, int] = {}
+            for _, ids, _ in row:
+                for n in range(1, len(ids)):
+                    index.setdefault(ids[:n], len(index))
+            nodes.append(index)
+        width = max((len(ix) for ix in nodes), default=0)
+        branch = [None] * len(self.streams)
+        if width:
+            b = len(spelt)
+            tokens = torch.zeros(b, width, dtype=torch.long)
+            parents = torch.full((b, width), -1, dtype=torch.long)
+            valid = torch.zeros(b, width, dtype=torch.bool)
+            for r, index in enumerate(nodes):
+                for prefix, i in index.items():
+                    tokens[r, i] = prefix[-1]
+                    parents[r, i] = index[prefix[:-1]] if len(prefix) > 1 else -1
+                    valid[r, i] = True
+            branch = [torch.log_softmax(s.branches(tokens, parents, valid).float(), -1) for s in self.streams]
+        # every log-probability the scores read, gathered at once: (row, node, token); node 0 is the text itself
+        where, covers, spans = [], [], []
+        for r, row in enumerate(spelt):
+            for _, ids, cuts in row:
+                node = [0] + [1 + nodes[r][ids[:n]] for n in range(1, len(ids))]
+                first = len(where)
+                where += [(r, node[n], t) for n, t in enumerate(ids) if t != END]
+                spans.append((first, [(n, len(covers) + j) for j, (n, _) in enumerate(cuts)]))
+                covers += [(r, node[n], cover) for n, cover in cuts]
+        out = []
+        for m in range(len(self.streams)):
+            table = self.logp[m][:, None] if branch[m] is None else torch.cat([self.logp[m][:, None], branch[m]], 1)
+            picked = table[[w[0] for w in where], [w[1] for w in where], [w[2] for w in where]].tolist() if where else []
+            flat = [(r, node, t) for i, (r, node, cover) in enumerate(covers) for t in cover]
+            seg = torch.tensor([i for i, (_, _, cover) in enumerate(covers) for _ in cover], dtype=torch.long)
+            values = table[[f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]]
+            lse = segment_logsumexp(values, seg, len(covers)).tolist()
+            scores, j = [[] for _ in spelt], 0
+            for r, row in enumerate(spelt):
+                for _, ids, _ in row:
+                    first, cuts = spans[j]
+                    j += 1
+                    pieces = picked[first : first + sum(t != END for t in ids)]
+                    terms = [sum(pieces[:n]) + lse[ci] for n, ci in cuts]
+                    top = max(terms)
+                    scores[r].append(top + math.log(sum(math.exp(t - top) for t in terms)) if top > -math.inf else top)
+            out.append(scores)
+        return out
+
+    # -- reading the base's tokens ----------------------------------------------------------------
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> "CrossPair":
+        """The small models read each row's new base token (B,): the words it completes; the word it leaves
+        open waits in `pending`. Rows that ended read nothing."""
+        reads = []
+        for r, c in enumerate(tokens.tolist()):
+            if (active is not None and not bool(active[r])) or c in self.bridge.base_stops:
+                reads.append(())
+                continue
+            pending = self.pending[r]
+            plan = self.plans[r].get(c) or self.bridge.spelling(pending, c)  # c outside the candidates: sampled
+            data = self.bridge.base.bytes[c]
+            if plan is None:  # a special token, or a word the small vocabulary cannot write: nothing to read
+                reads.append(())
+                self.pending[r] = pending if data is None else b""
+                continue
+            ids, word = plan
+            held = len(self.bridge.small.spell(word) or ()) if word else 0
+            reads.append(ids[: len(ids) - held])
+            self.pending[r] = word
+        self._read(reads)
+        return self
+
+    def _read(self, reads: list[tuple[int, ...]]) -> None:
+        width = max((len(r) for r in reads), default=0)
+        if width == 0:
+            return
+        ids = torch.zeros(len(reads), width, dtype=torch.long)
+        for r, read in enumerate(reads):
+            ids[r, : len(read)] = torch.tensor(read, dtype=torch.long)
+        counts = torch.tensor([len(r) for r in reads])
+        moved = counts > 0
+        for m, stream in enumerate(self.streams):
+            logits = stream.feed(ids)
+            stream.keep(width, counts)
+            last = logits[torch.arange(len(reads)), (counts - 1).clamp_min(0)].float()
+            self.logp[m] = torch.where(moved[:, None].to(last.device), torch.log_softmax(last, -1), self.logp[m])
+
+    # -- rows joining and leaving a running batch ---------------------------------------------------
+    def join(self, other: "CrossPair") -> None:
+        for mine, theirs in zip(self.streams, other.streams):
+            mine.join(theirs)
+        self.logp = [torch.cat([a, b]) for a, b in zip(self.logp, other.logp)] if self.logp else other.logp
+        self.pending += other.pending
+        self.plans += other.plans
+
+    def select(self, keep: list[int]) -> None:
+        for stream in self.streams:
+            stream.select(keep)
+        self.logp = [lp[keep] for lp in self.logp]
+        self.pending = [self.pending[r] for r in keep]
+        self.plans = [self.plans[r] for r in keep]
+
+
+def segment_logsumexp(values: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
+    """logsumexp of `values` (M,) within each of n segments (`segments` (M,): each value's); -inf where empty."""
+    values = values.float()
+    top = torch.full((n,), -math.inf).scatter_reduce(0, segments, values, "amax")
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros(n).index_add_(0, segments, (values - shift[segments]).exp())
+    return shift + total.log()
