@@ -44,6 +44,9 @@ PLAUSIBILITY = 0.1
 # local engine's, token for token (tests/test_remote.py).
 SERVED_TOP_K = (20, 5)
 SERVED_OUTSIDE = ("spread", "zero")
+# The fact task's expert of another tokenizer family (a Metaspace BPE of 1536 tokens, demo.family.build_other_small),
+# tuned as tiny-expert is: it steers the large base through text (proxy.cross), beside the same-tokenizer expert
+OTHER_EXPERT = "tiny-other-expert"
 SERVED_PORT = 18700  # + the seed and the stage: a fixed address keeps the stage's config, so a re-run skips it
 # --scale test, a seconds-long smoke run of the same job: a few steps per tuning, short answers
 SCALES = {"full": {"training": [], "max_new_tokens": 48},
@@ -60,11 +63,13 @@ TASKS = {
 PLAN = """[2/5] experts: the small base tuned on each task's tuning people (full SFT); on the QA task also a
       LoRA expert, left unmerged (proxy decoding runs it as its own anti-expert), and DPO on top of the
       SFT expert; the chat expert with role and end-of-turn markers added to its tokenizer, tuned on
-      conversations; the math expert on age questions with a worked line before '#### <age>'
+      conversations; the math expert on age questions with a worked line before '#### <age>'; on the QA
+      task also an expert of another tokenizer family (the small base of a Metaspace BPE, tuned the same way)
 [3/5] references: the large base tuned directly on each task, the same way
 [4/5] evaluation on held-out people: every model, and the proxy-tuned large model at each alpha (each
       task's full-SFT expert also with proxy.plausibility={plausibility:g}); the fact task's expert also steering
-      the large base served at a URL, read through its top {served} log-probabilities
+      the large base served at a URL, read through its top {served} log-probabilities; the expert of the other
+      tokenizer steering it through text
       {n} stages, each starting once the models it reads are tuned, in {where}"""
 
 
@@ -154,8 +159,9 @@ def tuning_stages(out: Path, dpo: bool, scale: str = "full") -> tuple[list[Stage
         stages.append(tune("tiny-expert-dpo", "dpo", needs=("tiny-expert",)))
         experts["tinyworld"].append("tiny-expert-dpo")
     stages += [tune(reference) for _, reference in TASKS.values()]
-    stages += [tune("tiny-chat-expert"), tune("tiny-math-expert"), tune("tiny-expert-lora")]
+    stages += [tune("tiny-chat-expert"), tune("tiny-math-expert"), tune("tiny-expert-lora"), tune(OTHER_EXPERT)]
     experts["tinyworld"].insert(1, "tiny-expert-lora")
+    experts["tinyworld"].append(OTHER_EXPERT)
     return stages, experts
 
 
@@ -171,7 +177,8 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
 
     stages = []
     for task, names in experts.items():
-        for model in ("tiny-small", *names, "tiny-large", TASKS[task][1]):
+        smalls = ["tiny-small"] + (["tiny-other-small"] if OTHER_EXPERT in names else [])
+        for model in (*smalls, *names, "tiny-large", TASKS[task][1]):
             stages.append(run(task, model, (model,), f"model={model}"))
         for name in names:
             for alpha in alphas:
@@ -195,12 +202,13 @@ def evaluation_stages(out: Path, experts: dict[str, list[str]], alphas=ALPHAS, s
 
 def run_seed(seed: int, out: Path, scale: str, dpo: bool, alphas=ALPHAS, jobs: int = 1) -> tuple[Path, dict]:
     """The whole job on one seed's world; its report, and how long the family and the job took."""
-    from demo.family import build_family
+    from demo.family import build_family, build_other_small
     from eval.report import write_report
 
     with world_of(seed, out):
         print(f"[1/5] seed {seed}: model family in {family_dir(seed)} (built once, then cached)")
         paths = build_family(family_dir(seed), seed=seed, scale=scale)
+        build_other_small(family_dir(seed), seed=seed, scale=scale)
         started = time.time()
         tuning, experts = tuning_stages(out, dpo, scale)
         stages = [*tuning, *evaluation_stages(out, experts, alphas, scale, seed)]

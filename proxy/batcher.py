@@ -21,7 +21,7 @@ from proxy.decoding import GenerationSettings
 from proxy.engine import ProxyEngine
 from proxy.prompts import Prompt
 from proxy.step import Row, Rows, next_tokens
-from proxy.streams import left_pad, open_stream
+from proxy.streams import left_pad
 from proxy.text import generated_text
 
 
@@ -95,7 +95,7 @@ class LiveBatch:
 
     def __init__(self, engine: ProxyEngine):
         self.engine = engine
-        self.runners = {key: open_stream(s.model) for key, s in engine.streams.items()}
+        self.runners = engine.open_runners()
         self.members: list[LiveRow] = []
         self.rows = Rows([], engine.device, engine.pad_id)  # the live rows' proxy.step rows, in batch order
         self.logits: dict = {}
@@ -112,10 +112,14 @@ class LiveBatch:
                 failed.append((request.listener, {"type": "error", "message": describe(err)}))
         if not joining:
             return failed
-        for key, stream in self.engine.streams.items():
-            fresh = open_stream(stream.model)
-            logits = fresh.prefill(*left_pad([lr.request.encoded[key] for lr in joining], stream.pad_id))
-            self.runners[key].join(fresh)
+        padded = {key: left_pad([lr.request.encoded[key] for lr in joining], stream.pad_id)
+                  for key, stream in self.engine.streams.items()}
+        fresh = self.engine.open_runners()
+        for key, logits in self.engine.prefill_runners(fresh, padded).items():
+            self.runners[key].join(fresh[key])
+            if not isinstance(logits, torch.Tensor):  # a pair of another tokenizer (proxy.cross) holds its own
+                self.logits[key] = self.runners[key]
+                continue
             self.logits[key] = logits if key not in self.logits else torch.cat([self.logits[key], logits])
         self.members += joining
         self.rows.join([lr.row for lr in joining])
@@ -143,12 +147,12 @@ class LiveBatch:
         self.members = [self.members[r] for r in keep]
         self.rows.select(keep)
         if not self.members:  # start afresh: the caches' layout may differ for the next requests
-            self.runners = {key: open_stream(s.model) for key, s in self.engine.streams.items()}
+            self.runners = self.engine.open_runners()
             self.logits = {}
             return
         for key, runner in self.runners.items():
             runner.select(keep)
-            self.logits[key] = self.logits[key][keep]
+            self.logits[key] = self.logits[key][keep] if isinstance(self.logits[key], torch.Tensor) else runner
 
     def fail(self, message: str) -> list[tuple[Callable, dict]]:
         """Start afresh after a failure; the events that tell every row."""

@@ -153,9 +153,10 @@ class Bridge:
     """A base's vocabulary and a small pair's: each base token's spelling in the small pair's ids, which base
     tokens a small token begins, and whether a small token can run past the end of a base token."""
 
-    def __init__(self, base: Vocabulary, small: Vocabulary, base_stops: list[int]):
+    def __init__(self, base: Vocabulary, small: Vocabulary, base_stops: list[int], end_id: int | None = None):
         self.base, self.small = base, small
         self.base_stops = [i for i in base_stops if i < len(base.bytes)]
+        self.end_id = end_id  # the base's end id that the small pair's own end tokens (none of the base's) mean
         # a base token the small vocabulary has too (the same token, spelling the same): that id, so a pair of
         # the base's own tokenizer reads the base's very ids
         self.same = {c: small.raw[token] for token, c in base.raw.items()
@@ -205,9 +206,14 @@ class Bridge:
         return out
 
     def end_cover(self, c: int) -> list[int]:
-        """The small ids that mean what base stop id c means: the same end token, else any of the pair's ends."""
-        same = self.same.get(c)
-        return [same] if same in self.small.ends else self.small.ends
+        """The small ids that mean what base stop id c means: the same token, else any of the pair's ends; and
+        at the base's end id, the pair's ends the base has not (a chat expert's end of turn), as the
+        same-tokenizer engine folds them in (proxy.combine.shared_logits)."""
+        cover = [self.same[c]] if c in self.same else list(self.small.ends)
+        if c == self.end_id:
+            theirs = set(self.same.values())
+            cover += [e for e in self.small.ends if e not in theirs and e not in cover]
+        return cover
 
     def _first(self, data: bytes) -> int | None:
         """The base token a text that goes on with `data` starts with."""

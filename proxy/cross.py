@@ -36,7 +36,9 @@ class CrossPair:
         self.streams: list[ModelStream] = [open_stream(expert), open_stream(anti)]
         self.logp: list[torch.Tensor] = []  # per stream (B, V_small): the next small token's log-probabilities
         self.pending: list[bytes] = []  # per row: bytes of the text not yet read by the small models
-        self.plans: list[dict] = []  # per row, from the last offset: base id -> (spelling, held back)
+        self.plans: list[dict] = []  # per row, from the last offset: base id -> its spelling
+        self.read: list[list[int]] = []  # per row: the small ids read after the prompt
+        self.skipped: list[list[bytes]] = []  # per row: text the small vocabulary cannot write (left unread)
 
     @property
     def forwards(self) -> int:
@@ -46,6 +48,8 @@ class CrossPair:
         self.logp = [torch.log_softmax(s.prefill(*p).float(), -1) for s, p in zip(self.streams, (expert, anti))]
         self.pending = [b""] * len(expert[0])
         self.plans = [{} for _ in self.pending]
+        self.read = [[] for _ in self.pending]
+        self.skipped = [[] for _ in self.pending]
         return self
 
     # -- the offset ---------------------------------------------------------------------------------
@@ -144,8 +148,9 @@ class CrossPair:
         for m in range(len(self.streams)):
             table = self.logp[m][:, None] if branch[m] is None else torch.cat([self.logp[m][:, None], branch[m]], 1)
             picked = table[[w[0] for w in where], [w[1] for w in where], [w[2] for w in where]].tolist() if where else []
-            flat = [(r, node, t) for i, (r, node, cover) in enumerate(covers) for t in cover]
-            seg = torch.tensor([i for i, (_, _, cover) in enumerate(covers) for _ in cover], dtype=torch.long)
+            width = table.shape[-1]  # an expert's added tokens (its end of turn) lie past its anti-expert's logits
+            flat = [(r, node, t) for r, node, cover in covers for t in cover if t < width]
+            seg = torch.tensor([i for i, (_, _, cover) in enumerate(covers) for t in cover if t < width], dtype=torch.long)
             values = table[[f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]]
             lse = segment_logsumexp(values, seg, len(covers)).tolist()
             scores, j = [[] for _ in spelt], 0
@@ -172,14 +177,18 @@ class CrossPair:
             pending = self.pending[r]
             plan = self.plans[r].get(c) or self.bridge.spelling(pending, c)  # c outside the candidates: sampled
             data = self.bridge.base.bytes[c]
-            if plan is None:  # a special token, or a word the small vocabulary cannot write: nothing to read
+            if plan is None:  # a special token, or text the small vocabulary cannot write: nothing to read
                 reads.append(())
-                self.pending[r] = pending if data is None else b""
+                if data is not None:
+                    self.skipped[r].append(pending + data)
+                    self.pending[r] = b""
                 continue
             ids, word = plan
             held = len(self.bridge.small.spell(word) or ()) if word else 0
             reads.append(ids[: len(ids) - held])
             self.pending[r] = word
+        for r, ids in enumerate(reads):
+            self.read[r] += ids
         self._read(reads)
         return self
 
@@ -205,6 +214,8 @@ class CrossPair:
         self.logp = [torch.cat([a, b]) for a, b in zip(self.logp, other.logp)] if self.logp else other.logp
         self.pending += other.pending
         self.plans += other.plans
+        self.read += other.read
+        self.skipped += other.skipped
 
     def select(self, keep: list[int]) -> None:
         for stream in self.streams:
@@ -212,6 +223,8 @@ class CrossPair:
         self.logp = [lp[keep] for lp in self.logp]
         self.pending = [self.pending[r] for r in keep]
         self.plans = [self.plans[r] for r in keep]
+        self.read = [self.read[r] for r in keep]
+        self.skipped = [self.skipped[r] for r in keep]
 
 
 def segment_logsumexp(values: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:

@@ -185,10 +185,10 @@ class ProxyEngine:
         base_ends = [i for i in self.streams[self.base_key].ends if i < self.vocab_size]
         self.end_id = base_ends[0] if base_ends else self.stop_ids[0]  # where ends beyond the shared range fold
         self.pad_id = self.streams[self.base_key].pad_id
+        self.bridges = {i: self._bridge(i) for i, p in enumerate(self.pairs) if p.cross}
         self.last_stats = DecodeStats()
         self.parallel = parallel and bool(self.pairs)  # the small models in a second process (proxy.parallel)
         self._worker = None
-        self.bridges = {i: self._bridge(i) for i, p in enumerate(self.pairs) if p.cross}
         if self.bridges and self.parallel:
             raise UserError("proxy.parallel does not run an expert of another tokenizer (proxy.cross); drop one")
 
@@ -227,13 +227,17 @@ class ProxyEngine:
 
         pair, (e, a) = self.pairs[i], self.pair_keys[i]
         if pair.shared:
-            raise UserError("proxy.shared_pair runs a LoRA expert of the base's own tokenizer; this expert's "
-                            "tokenizer is another (proxy.cross): set proxy.shared_pair=false")
+            raise UserError(f"the tokenizer of expert '{pair.name}' does not match the base's, and proxy.shared_pair "
+                            "runs a LoRA expert of the base's own tokenizer: set proxy.shared_pair=false")
         small = pair.tokenizer or self.tokenizer
-        shared_vocab_size({f"expert '{pair.name}'": small, f"anti-expert of '{pair.name}'": pair.anti_tokenizer or small})
+        try:
+            shared_vocab_size({f"expert '{pair.name}'": small, f"anti-expert of '{pair.name}'": pair.anti_tokenizer or small})
+        except UserError as err:
+            raise UserError(str(err).split("; proxy-tuning")[0] + "; an expert and its anti-expert (the model it was "
+                            "tuned from) must share one tokenizer, even where it is not the base's") from None
         ends = self.streams[e].ends + self.streams[a].ends
         base = Vocabulary(self.tokenizer, self.streams[self.base_key].ends)
-        return Bridge(base, Vocabulary(small, ends), self.stop_ids)
+        return Bridge(base, Vocabulary(small, ends), self.stop_ids, self.end_id)
 
     def open_runners(self) -> dict:
         """A fresh runner for every stream that reads the base's ids, and one per pair of another tokenizer."""

@@ -217,15 +217,21 @@ def test_every_demo_stage_can_go_to_a_worker(tmp_path):
     tuning, experts = demo.tuning_stages(tmp_path, dpo=True)
     stages = [*tuning, *demo.evaluation_stages(tmp_path, experts)]
     check_order(stages)
-    # + each task's full-SFT expert with plausibility, + the fact expert steering the served base (top 20, 5; both rules)
-    assert len(tuning) == 8 and len(stages) == 8 + 36 + 12 + 4
+    # + each task's full-SFT expert with plausibility, + the fact expert steering the served base (top 20, 5; both
+    # rules); + the expert of the other tokenizer: its small base and itself alone, and at each alpha
+    assert len(tuning) == 9 and len(stages) == 9 + 36 + 12 + 4 + 2 + 4
+    assert needs_of(stages)["eval-tinyworld-proxy-tiny-other-expert-a1"] == ("tiny-other-expert",)
     for stage in stages:
         assert pickle.loads(pickle.dumps(stage)) == stage
         assert stage.fn in (demo.train, demo.evaluate, demo.evaluate_served)
-    needs = {s.name: s.needs for s in stages}
+    needs = needs_of(stages)
     assert needs["tiny-expert-dpo"] == ("tiny-expert",)
     assert needs["eval-tinyworld-proxy-tiny-expert-dpo-a1"] == ("tiny-expert-dpo",)
     assert needs["eval-tinymath-tiny-large"] == ()  # the family's own base waits for nothing
+
+
+def needs_of(stages) -> dict:
+    return {s.name: s.needs for s in stages}
 
 
 def test_sweep_job_folder_names_are_flat_and_unique():
