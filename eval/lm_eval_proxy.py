@@ -74,7 +74,7 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if kwargs:
         raise UserError(
             f"unknown proxy model argument(s) {sorted(kwargs)}; known: base, expert, anti_expert, alpha, "
-            "expert_format, plausibility, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, "
+            "expert_format, plausibility, cross_candidates, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, "
             "device_map, "
             f"<role>_<option> with option in {', '.join(LOAD_OPTIONS)}, and for a served base (base=http://...) "
             f"base_<option> with option in {', '.join(SERVED_OPTIONS)}"
@@ -123,6 +123,7 @@ class ProxyLM(TemplateLM):
         alpha: float = 1.0,
         expert_format: str | None = None,
         plausibility: float = 0.0,
+        cross_candidates: int = 16,
         batch_size: int | str | None = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
@@ -146,7 +147,7 @@ class ProxyLM(TemplateLM):
             cfg = OmegaConf.create({
                 "base": str(base), "expert": expert, "anti_expert": anti_expert, "load": load,
                 "proxy": {"alpha": alpha, "expert_format": expert_format, "extra_pairs": [],
-                          "plausibility": plausibility},
+                          "plausibility": plausibility, "cross": {"candidates": cross_candidates, "force": False}},
             })
             engine, _ = build_engine(cfg)
         elif kwargs:

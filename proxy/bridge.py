@@ -15,6 +15,7 @@ from functools import lru_cache
 from core.vocabulary import id_to_token
 
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+END = -1  # a spelling's last piece that stands for the small pair's end of text
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -188,6 +189,45 @@ class Bridge:
                 return None
             ids.extend(spelt)
         return tuple(ids), words[-1]
+
+    def candidate(self, pending: bytes, c: int) -> tuple[tuple[int, ...], bytes, list] | None:
+        """What scoring base token c after the pending bytes reads: (the small ids spelling them, the word
+        left open, the cuts: [(index in the ids, the small tokens that write the rest in one)]); None where
+        the small vocabulary cannot write it. An end id is spelt as the pending text, then END."""
+        return self._candidate(pending, c)
+
+    @lru_cache(maxsize=1 << 18)
+    def _candidate(self, pending: bytes, c: int):
+        if c in self.base_stops:
+            head = self.spell_text(pending) if pending else ((), b"")
+            return None if head is None else ((*head[0], END), b"", [(len(head[0]), self.end_cover(c))])
+        plan = self.spelling(pending, c)
+        if plan is None or not plan[0]:
+            return None
+        ids, word = plan
+        return ids, word, self._cuts(ids, word, c)
+
+    def _cuts(self, ids: tuple[int, ...], word: bytes, c: int) -> list[tuple[int, list[int]]]:
+        """Where the text may go on from in one small token: after the ids before each piece of the open word,
+        a token that writes the rest of the word (and maybe more) in one. The last piece's cover holds the
+        piece itself (for a pair of the base's tokenizer: the base's own token, and nothing else)."""
+        last = len(ids) - 1
+        if self.identical:
+            return [(last, [ids[-1]])]
+        cuts = [(last, [ids[-1], *[t for t in self.covers(self.small.bytes[ids[-1]], c) if t != ids[-1]]])]
+        if not word:
+            return cuts
+        held = len(self.small.spell(word) or ())
+        lengths = [len(self.small.bytes[i] or b"") for i in ids]
+        if held < 2 or sum(lengths[-held:]) != len(word):  # (a word-level tokenizer's spaces): the last cut only
+            return cuts
+        rest = lengths[last]
+        for n in range(last - 1, len(ids) - held - 1, -1):  # the cuts before the open word's earlier pieces
+            rest += lengths[n]
+            cover = self.covers(word[len(word) - rest:], c)
+            if cover:
+                cuts.append((n, cover))
+        return cuts
 
     def covers(self, rest: bytes, c: int) -> list[int]:
         """Small tokens that write `rest` (which ends where base token c ends) in one: the one that is `rest`,

@@ -22,10 +22,8 @@ import math
 
 import torch
 
-from proxy.bridge import Bridge
+from proxy.bridge import END, Bridge
 from proxy.streams import ModelStream, open_stream
-
-END = -1  # a spelling's last piece that stands for the small pair's end of text
 
 
 class CrossPair:
@@ -66,17 +64,11 @@ class CrossPair:
                 set(base_top[r]) | bridge.proposals(pending, expert_top[r]) | set(bridge.base_stops))
             row, plans = [], {}
             for c in sorted(wanted):
-                if c in bridge.base_stops:
-                    head = bridge.spell_text(pending) if pending else ((), b"")
-                    if head is not None:
-                        row.append((c, (*head[0], END), [(len(head[0]), bridge.end_cover(c))]))
-                    continue
-                plan = bridge.spelling(pending, c)
-                if plan is None or not plan[0]:
-                    continue
-                ids, word = plan
-                plans[c] = plan
-                row.append((c, ids, self._cuts(ids, word, c)))
+                plan = bridge.candidate(pending, c)
+                if plan is not None:
+                    ids, word, cuts = plan
+                    plans[c] = (ids, word)
+                    row.append((c, ids, cuts))
             spelt.append(row)
             self.plans[r] = plans
         scores = self._scores(spelt)
@@ -87,29 +79,6 @@ class CrossPair:
             expert, anti = (torch.log_softmax(torch.tensor(s[r]), -1) for s in scores)
             out[r, ids] = expert - anti
         return out.to(base.device)
-
-    def _cuts(self, ids: tuple[int, ...], word: bytes, c: int) -> list[tuple[int, list[int]]]:
-        """Where the text may go on from in one small token: after the ids before each piece of the open word,
-        a token that writes the rest of the word (and maybe more) in one. The last piece's cover holds the
-        piece itself (for a pair of the base's tokenizer: the base's own token, and nothing else)."""
-        bridge = self.bridge
-        last = len(ids) - 1
-        if bridge.identical:
-            return [(last, [ids[-1]])]
-        cuts = [(last, [ids[-1], *[t for t in bridge.covers(bridge.small.bytes[ids[-1]], c) if t != ids[-1]]])]
-        if not word:
-            return cuts
-        held = len(bridge.small.spell(word) or ())
-        lengths = [len(bridge.small.bytes[i] or b"") for i in ids]
-        if held < 2 or sum(lengths[-held:]) != len(word):  # (a word-level tokenizer's spaces): the last cut only
-            return cuts
-        rest = lengths[last]
-        for n in range(last - 1, len(ids) - held - 1, -1):  # the cuts before the open word's earlier pieces
-            rest += lengths[n]
-            cover = bridge.covers(word[len(word) - rest:], c)
-            if cover:
-                cuts.append((n, cover))
-        return cuts
 
     def _scores(self, spelt: list[list]) -> list[list[list[float]]]:
         """Each model's log-probability of each candidate's text: sum over the cuts of the open word of
@@ -134,7 +103,7 @@ class CrossPair:
                     tokens[r, i] = prefix[-1]
                     parents[r, i] = index[prefix[:-1]] if len(prefix) > 1 else -1
                     valid[r, i] = True
-            branch = [torch.log_softmax(s.branches(tokens, parents, valid).float(), -1) for s in self.streams]
+            branch = [s.branches(tokens, parents, valid).float() for s in self.streams]
         # every log-probability the scores read, gathered at once: (row, node, token); node 0 is the text itself
         where, covers, spans = [], [], []
         for r, row in enumerate(spelt):
@@ -146,12 +115,20 @@ class CrossPair:
                 covers += [(r, node[n], cover) for n, cover in cuts]
         out = []
         for m in range(len(self.streams)):
+            # log-probabilities: the text's are normalised already, a branch node's by its logsumexp, once per node
             table = self.logp[m][:, None] if branch[m] is None else torch.cat([self.logp[m][:, None], branch[m]], 1)
-            picked = table[[w[0] for w in where], [w[1] for w in where], [w[2] for w in where]].tolist() if where else []
+            norm = torch.zeros(table.shape[:2]) if branch[m] is None else torch.cat(
+                [torch.zeros(table.shape[0], 1), torch.logsumexp(branch[m], -1)], 1)
+
+            def logp(entries):
+                rows, nodes, ids = ([e[i] for e in entries] for i in range(3))
+                return table[rows, nodes, ids] - norm[rows, nodes]
+
+            picked = logp(where).tolist() if where else []
             width = table.shape[-1]  # an expert's added tokens (its end of turn) lie past its anti-expert's logits
             flat = [(r, node, t) for r, node, cover in covers for t in cover if t < width]
             seg = torch.tensor([i for i, (_, _, cover) in enumerate(covers) for t in cover if t < width], dtype=torch.long)
-            values = table[[f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat]]
+            values = logp(flat) if flat else torch.zeros(0)
             lse = segment_logsumexp(values, seg, len(covers)).tolist()
             scores, j = [[] for _ in spelt], 0
             for r, row in enumerate(spelt):

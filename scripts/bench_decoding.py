@@ -182,6 +182,19 @@ def load_family(args):
     return tok, base, expert, anti, expert_path
 
 
+def cross_pair_for(args) -> list[SteeringPair]:
+    """The demo's fact expert of another tokenizer family with its small base (proxy.cross), where `make demo`
+    built them; none for real models (--base) or before."""
+    from core.registry import resolve
+
+    path, card = resolve("tiny-other-expert")
+    other = Path(args.family) / "other" / "small"
+    if args.base or card is None or not other.exists():
+        return []
+    return [SteeringPair(load_model(path), load_model(str(other)), args.alpha, tokenizer=load_tokenizer(path),
+                         anti_tokenizer=load_tokenizer(str(other)))]
+
+
 def task_prompts_for(args) -> list[str]:
     """--prompts-file (JSONL with a "prompt" field), else the family's held-out task prompts."""
     path = Path(args.prompts_file) if args.prompts_file else Path(args.family) / "task" / "test.jsonl"
@@ -270,6 +283,8 @@ def main() -> None:
 
     # workload 1 (issue 2): fixed-length continuations, the plain engine against the base and the naive loop
     plain = ProxyEngine(base, tok, pair)
+    cross = cross_pair_for(args)  # an expert of another tokenizer, steering through text (proxy.cross)
+    cross_engine = {"proxy_cross": ProxyEngine(base, tok, cross)} if cross else {}
     # the forked small-model worker is CPU-only: a process that has initialised CUDA cannot be forked
     parallel = None if cuda else ProxyEngine(base, tok, pair, parallel=True)
     with_parallel = {} if parallel is None else {"proxy_parallel": parallel}
@@ -278,17 +293,17 @@ def main() -> None:
         configs = {"base_generate": lambda: base_generate(base, tok, prompts, settings),
                    "proxy": lambda: engine_run(plain, prompts, settings)}
         configs.update({name: (lambda e: lambda: engine_run(e, prompts, settings))(e)
-                        for name, e in with_parallel.items()})
+                        for name, e in {**with_parallel, **cross_engine}.items()})
         if not args.skip_naive and not args.base and batch == max(args.batch):  # quadratic: tiny models only
             configs["naive_loop"] = lambda: sum(
                 naive_proxy((base, expert, anti), tok, prompts[i : i + batch], args.alpha, args.new_tokens).shape[0]
                 * args.new_tokens for i in range(0, len(prompts), batch))
         print(f"\n[fixed length] {len(prompts)} prompts, {args.new_tokens} new tokens each, batch {batch}")
         rows = record("fixed_length", batch, time_configs(configs, args.repeats),
-                      {"proxy": plain, **with_parallel})
+                      {"proxy": plain, **with_parallel, **cross_engine})
         show(rows)
         proxy_t = next(e["seconds"] for e in rows if e["name"] == "proxy")
-        for e in (e for e in rows if e["name"] in ("proxy", "proxy_parallel")):
+        for e in (e for e in rows if e["name"] in ("proxy", "proxy_parallel", "proxy_cross")):
             print(f"{e['name']} / base alone = {e['ratio_to_base']:.2f}x; "
                   f"bound 1 + 2 x FLOPs ratio + 0.3 = {bound:.2f}x")
         for e in rows:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import assert_one_error_line, run_in_process
-from test_zoo import FAMILIES, ids, loaded, settings  # noqa: F401 (loaded: the fixture)
+from test_zoo import FAMILIES, Loaded, ids, settings
 from zoo import PROMPTS
 
 from core.errors import UserError
@@ -25,6 +25,13 @@ from proxy.prompts import CHAT
 # (base family, family of the steering pair): their tokenizers differ
 CROSS = [("llama2", "qwen2"), ("qwen2", "llama2"), ("llama3", "wordlevel"), ("wordlevel", "gemma2"),
          ("pythia", "chatml")]
+
+
+@pytest.fixture(scope="module")
+def loaded(zoo):
+    """A family's checkpoints, loaded once for the module (test_zoo.Loaded)."""
+    cache: dict[str, Loaded] = {}
+    return lambda name: cache.setdefault(name, Loaded(zoo[name])) if name not in cache else cache[name]
 
 
 def cross_pair(p, alpha=1.0, expert="expert", **kw):
