@@ -68,8 +68,8 @@ PLAN = """[2/5] experts: the small base tuned on each task's tuning people (full
 [3/5] references: the large base tuned directly on each task, the same way
 [4/5] evaluation on held-out people: every model, and the proxy-tuned large model at each alpha (each
       task's full-SFT expert also with proxy.plausibility={plausibility:g}); the fact task's expert also steering
-      the large base served at a URL, read through its top {served} log-probabilities; the expert of the other
-      tokenizer steering it through text
+      the large base served at a URL, read through its top {served} log-probabilities; the expert
+      of the other tokenizer family steering it through text
       {n} stages, each starting once the models it reads are tuned, in {where}"""
 
 

@@ -171,6 +171,8 @@ class Bridge:
             if spelt and spelt[0]:
                 self.starts.setdefault(spelt[0][0], []).append(c)
         self.first = lru_cache(maxsize=1 << 16)(self._first)
+        self.candidate = lru_cache(maxsize=1 << 18)(self._candidate)
+        self.covers = lru_cache(maxsize=1 << 16)(self._covers)
 
     def spelling(self, pending: bytes, c: int) -> tuple[tuple[int, ...], bytes] | None:
         """How the small pair writes the pending bytes and then base token c: (ids, the word still open),
@@ -190,14 +192,10 @@ class Bridge:
             ids.extend(spelt)
         return tuple(ids), words[-1]
 
-    def candidate(self, pending: bytes, c: int) -> tuple[tuple[int, ...], bytes, list] | None:
-        """What scoring base token c after the pending bytes reads: (the small ids spelling them, the word
-        left open, the cuts: [(index in the ids, the small tokens that write the rest in one)]); None where
-        the small vocabulary cannot write it. An end id is spelt as the pending text, then END."""
-        return self._candidate(pending, c)
-
-    @lru_cache(maxsize=1 << 18)
-    def _candidate(self, pending: bytes, c: int):
+    def _candidate(self, pending: bytes, c: int) -> tuple[tuple[int, ...], bytes, list] | None:
+        """What scoring base token c after the pending bytes reads (`candidate`, cached): (the small ids
+        spelling them, the word left open, the cuts: [(index in the ids, the small tokens that write the rest
+        in one)]); None where the small vocabulary cannot write it. An end id: the pending text, then END."""
         if c in self.base_stops:
             head = self.spell_text(pending) if pending else ((), b"")
             return None if head is None else ((*head[0], END), b"", [(len(head[0]), self.end_cover(c))])
@@ -229,14 +227,10 @@ class Bridge:
                 cuts.append((n, cover))
         return cuts
 
-    def covers(self, rest: bytes, c: int) -> list[int]:
-        """Small tokens that write `rest` (which ends where base token c ends) in one: the one that is `rest`,
-        and those that run on past c's end where the base has no longer token (the base, writing that text,
-        would end a token there too)."""
-        return self._covers(rest, c)
-
-    @lru_cache(maxsize=1 << 16)
     def _covers(self, rest: bytes, c: int) -> list[int]:
+        """Small tokens that write `rest` (which ends where base token c ends) in one (`covers`, cached): the
+        one that is `rest`, and those that run on past c's end where the base has no longer token (the base,
+        writing that text, would end a token there too)."""
         end = self.base.bytes[c] or b""
         out = [self.small.index[rest]] if rest in self.small.index else []
         for t in self.small.longer.get(rest, ()):

@@ -1,20 +1,20 @@
 """An expert and anti-expert of another tokenizer family steering the base: their offset carried over
-through the text the base's tokens spell.
+through the text the base's tokens spell (docs/cross-tokenizer.md).
 
-At each step, for the base's candidate tokens c (its top `candidates`, the tokens where the expert's top
-`candidates` go, and the base's end ids), each small model m scores the text c would add:
+At each step, for the base's candidate tokens c (its top `candidates`, the base tokens the expert's top
+`candidates` begin, and the base's end ids), each small model m scores the text c would add after the
+word still open (`pending`), written in the small tokenizer's own tokens (proxy.bridge):
 
-    S_m(c) = log P_m(small ids spelling pending + c)        the last of them as any small token that
-                                                              starts with it and runs past c's end where
-                                                              the base has no longer token
-    offset(c) = alpha * (log softmax_C S_expert(c) - log softmax_C S_anti(c))     0 outside C
+    S_m(c) = log sum over the open word's cuts of P_m(the ids before the cut) * P_m(one small token that
+             writes the rest, or runs on past c's end where the base has no longer token)
+    offset(c) = log softmax_C S_expert(c) - log softmax_C S_anti(c)       0 outside C
 
-and the proxy is s_base + offset, as the same-tokenizer engine's s_base + alpha * (s_expert - s_anti).
-The spellings of several small ids are scored in one forward per model (a tree of branches over the
-small models' caches, proxy.streams.ModelStream.branches). When c is picked, the small models read its
-spelling; a last small token that might run on into the next base token is held back (`pending`) and
-spelt again with it. For a pair of the base's own tokenizer every spelling is the base's own id and
-nothing is held back, so C covering the vocabulary gives the same-tokenizer engine's tokens.
+and the proxy is s_base + alpha * offset, as the same-tokenizer engine's s_base + alpha * (s_expert - s_anti).
+The candidates' spellings are scored in one forward per small model (a tree of branches over its cache,
+proxy.streams.ModelStream.branches). When c is picked, the small models read the words it completes;
+the word it leaves open is spelt again with the next token. For a pair of the base's own tokenizer every
+spelling is the base's own id and nothing is held back, so C covering the vocabulary gives the
+same-tokenizer engine's tokens.
 """
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ class CrossPair:
         for m in range(len(self.streams)):
             # log-probabilities: the text's are normalised already, a branch node's by its logsumexp, once per node
             table = self.logp[m][:, None] if branch[m] is None else torch.cat([self.logp[m][:, None], branch[m]], 1)
-            norm = torch.zeros(table.shape[:2]) if branch[m] is None else torch.cat(
-                [torch.zeros(table.shape[0], 1), torch.logsumexp(branch[m], -1)], 1)
+            zeros = torch.zeros(table.shape[0], 1, device=table.device)
+            norm = zeros if branch[m] is None else torch.cat([zeros, torch.logsumexp(branch[m], -1)], 1)
 
             def logp(entries):
                 rows, nodes, ids = ([e[i] for e in entries] for i in range(3))
@@ -127,8 +127,9 @@ class CrossPair:
             picked = logp(where).tolist() if where else []
             width = table.shape[-1]  # an expert's added tokens (its end of turn) lie past its anti-expert's logits
             flat = [(r, node, t) for r, node, cover in covers for t in cover if t < width]
-            seg = torch.tensor([i for i, (_, _, cover) in enumerate(covers) for t in cover if t < width], dtype=torch.long)
-            values = logp(flat) if flat else torch.zeros(0)
+            seg = torch.tensor([i for i, (_, _, cover) in enumerate(covers) for t in cover if t < width],
+                               dtype=torch.long, device=table.device)
+            values = logp(flat) if flat else torch.zeros(0, device=table.device)
             lse = segment_logsumexp(values, seg, len(covers)).tolist()
             scores, j = [[] for _ in spelt], 0
             for r, row in enumerate(spelt):
@@ -207,7 +208,7 @@ class CrossPair:
 def segment_logsumexp(values: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
     """logsumexp of `values` (M,) within each of n segments (`segments` (M,): each value's); -inf where empty."""
     values = values.float()
-    top = torch.full((n,), -math.inf).scatter_reduce(0, segments, values, "amax")
+    top = torch.full((n,), -math.inf, device=values.device).scatter_reduce(0, segments, values, "amax")
     shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.zeros(n).index_add_(0, segments, (values - shift[segments]).exp())
+    total = torch.zeros(n, device=values.device).index_add_(0, segments, (values - shift[segments]).exp())
     return shift + total.log()
