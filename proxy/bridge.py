@@ -76,6 +76,8 @@ class Vocabulary:
     def __init__(self, tokenizer, ends: list[int]):
         self.tokenizer = tokenizer
         self.bytes = token_bytes(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.word_level = backend is not None and json.loads(backend.to_str())["model"].get("type") == "WordLevel"
         self.ends = sorted(set(ends))
         self.index: dict[bytes, int] = {}  # bytes -> the id that spells them (the first, byte tokens last)
         for i, data in enumerate(self.bytes):
@@ -89,7 +91,6 @@ class Vocabulary:
                 self.longer.setdefault(data[:n], []).append(i)
         self._primers = [(p, tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ("\n", "a", "")]
         self.spell = lru_cache(maxsize=1 << 16)(self._spell)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
         pre = backend.pre_tokenizer if backend is not None else None
         # the tokenizer's own word splits, where it has any (Metaspace with split=False, as Llama-2's, has none)
         self._pre = pre if pre is not None and len(pre.pre_tokenize_str("a b")) > 1 else None
@@ -127,7 +128,7 @@ class Vocabulary:
                     continue
                 ids = tuple(ids[len(head):])
                 spelt = [self.bytes[i] for i in ids]
-                if None not in spelt and _same_text(b"".join(spelt), data):
+                if None not in spelt and _same_text(b"".join(spelt), data, self.word_level):
                     return ids
         return self._longest_match(data)
 
@@ -145,9 +146,19 @@ class Vocabulary:
         return tuple(ids)
 
 
-def _same_text(a: bytes, b: bytes) -> bool:
-    """Equal, or equal but for spaces (a word-level tokenizer's words carry the space that joins them)."""
-    return a == b or a.replace(b" ", b"") == b.replace(b" ", b"")
+def _same_text(a: bytes, b: bytes, spaceless: bool = True) -> bool:
+    """Equal, or (`spaceless`: a word-level tokenizer, whose words carry the space that joins them) equal
+    but for spaces."""
+    return a == b or spaceless and a.replace(b" ", b"") == b.replace(b" ", b"")
+
+
+def _half_character(data: bytes) -> bool:
+    """Whether the bytes end inside a UTF-8 character (which the next bytes complete)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.reason == "unexpected end of data"
+    return False
 
 
 class Bridge:
@@ -188,7 +199,8 @@ class Bridge:
         for word in words:
             spelt = self.small.spell(word)
             if spelt is None:
-                return None
+                # half a character (a byte-level base's token) that the small vocabulary writes only whole: wait
+                return ((), data) if _half_character(data) else None
             ids.extend(spelt)
         return tuple(ids), words[-1]
 
@@ -198,7 +210,8 @@ class Bridge:
         in one)]); None where the small vocabulary cannot write it. An end id: the pending text, then END."""
         if c in self.base_stops:
             head = self.spell_text(pending) if pending else ((), b"")
-            return None if head is None else ((*head[0], END), b"", [(len(head[0]), self.end_cover(c))])
+            cover = self.end_cover(c)
+            return None if head is None or not cover else ((*head[0], END), b"", [(len(head[0]), cover)])
         plan = self.spelling(pending, c)
         if plan is None or not plan[0]:
             return None
@@ -243,7 +256,10 @@ class Bridge:
         """The small ids that mean what base stop id c means: the same token, else any of the pair's ends; and
         at the base's end id, the pair's ends the base has not (a chat expert's end of turn), as the
         same-tokenizer engine folds them in (proxy.combine.shared_logits)."""
-        cover = [self.same[c]] if c in self.same else list(self.small.ends)
+        if c in self.same:
+            cover = [self.same[c]]
+        else:  # the pair's ends stand for the base's end id alone (its other stops would count them again)
+            cover = list(self.small.ends) if c == self.end_id else []
         if c == self.end_id:
             theirs = set(self.same.values())
             cover += [e for e in self.small.ends if e not in theirs and e not in cover]

@@ -37,19 +37,21 @@ def proxy_logits(
     base = base.float()
     scores = base
     experts = []
+    whole = torch.zeros((), dtype=torch.bool, device=scores.device)  # rows an offset given whole steers
     for alpha, expert, anti in offsets:
         if isinstance(alpha, (int, float)) and alpha == 0:
             continue
         if anti is None:  # an offset given whole (a pair of another tokenizer, proxy.cross): no plausible set of its own
             scores = scores + alpha * expert.to(scores.device, torch.float32)
+            whole = whole | ((alpha != 0).to(scores.device) if isinstance(alpha, torch.Tensor) else torch.ones_like(whole))
             continue
         expert = expert.to(scores.device, torch.float32)
         anti = anti.to(scores.device, torch.float32)
         scores = scores + alpha * (expert - anti)
         experts.append((alpha, expert))
-    if plausibility > 0 and experts:
+    if plausibility > 0 and (experts or bool(whole.any())):
         keep = plausible_tokens(base, plausibility)
-        steered = torch.zeros((), dtype=torch.bool, device=scores.device)  # per row, where alphas are per row
+        steered = whole  # per row, where alphas are per row
         for alpha, expert in experts:
             on = (alpha != 0).to(scores.device) if isinstance(alpha, torch.Tensor) else torch.ones_like(steered)
             keep = keep | (plausible_tokens(expert, plausibility) & on)  # a pair at alpha 0 adds no tokens

@@ -60,8 +60,11 @@ class CrossPair:
         bridge = self.bridge
         spelt = []  # per row: [(base id, ids, [(where the open word's i-th cut falls in ids, its cover)])]
         for r, pending in enumerate(self.pending):
-            wanted = set(range(base.shape[-1])) if k >= base.shape[-1] else (
-                set(base_top[r]) | bridge.proposals(pending, expert_top[r]) | set(bridge.base_stops))
+            if k >= base.shape[-1]:
+                wanted = set(range(base.shape[-1]))
+            else:  # the expert's proposals, at most 4k of them (the base's likeliest), bound the tree
+                proposed = sorted(bridge.proposals(pending, expert_top[r]), key=lambda c: -float(base[r, c]))
+                wanted = set(base_top[r]) | set(proposed[: 4 * k]) | set(bridge.base_stops)
             row, plans = [], {}
             for c in sorted(wanted):
                 plan = bridge.candidate(pending, c)
@@ -73,10 +76,11 @@ class CrossPair:
             self.plans[r] = plans
         scores = self._scores(spelt)
         for r, row in enumerate(spelt):
-            if len(row) < 2:
+            finite = [j for j in range(len(row)) if all(math.isfinite(s[r][j]) for s in scores)]
+            if len(finite) < 2:
                 continue  # nothing to choose between: no steering
-            ids = torch.tensor([c for c, _, _ in row])
-            expert, anti = (torch.log_softmax(torch.tensor(s[r]), -1) for s in scores)
+            ids = torch.tensor([row[j][0] for j in finite])
+            expert, anti = (torch.log_softmax(torch.tensor([s[r][j] for j in finite]), -1) for s in scores)
             out[r, ids] = expert - anti
         return out.to(base.device)
 
@@ -155,10 +159,11 @@ class CrossPair:
             pending = self.pending[r]
             plan = self.plans[r].get(c) or self.bridge.spelling(pending, c)  # c outside the candidates: sampled
             data = self.bridge.base.bytes[c]
-            if plan is None:  # a special token, or text the small vocabulary cannot write: nothing to read
-                reads.append(())
+            if plan is None:  # a special token, or text the small vocabulary cannot write
+                head = self.bridge.spell_text(pending) if pending and data is not None else None
+                reads.append(head[0] if head else ())  # the word held back is read, c's text left unread
                 if data is not None:
-                    self.skipped[r].append(pending + data)
+                    self.skipped[r].append(data if head else pending + data)
                     self.pending[r] = b""
                 continue
             ids, word = plan

@@ -9,7 +9,8 @@ One step, for a batch of rows:
 
 Each model reads the prompt through its own tokenizer (the expert through its own rendering: a chat
 template or a format string); generated ids lie in the vocabulary all of them share, so one token is
-appended to every model's sequence.
+appended to every model's sequence. A pair of another tokenizer family reads the text instead, and its
+offset is scored over candidates (proxy.cross).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from proxy.options import check_alpha, check_candidates, check_plausibility
 from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
 from proxy.scoring import score_batch
 from proxy.step import Generation, Rows, next_tokens
-from proxy.streams import left_pad, logit_width, model_device, open_stream
+from proxy.streams import AttentionLayout, left_pad, logit_width, model_device, open_stream
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
 __all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair"]
@@ -185,12 +186,12 @@ class ProxyEngine:
         base_ends = [i for i in self.streams[self.base_key].ends if i < self.vocab_size]
         self.end_id = base_ends[0] if base_ends else self.stop_ids[0]  # where ends beyond the shared range fold
         self.pad_id = self.streams[self.base_key].pad_id
+        if parallel and any(p.cross for p in self.pairs):
+            raise UserError("proxy.parallel does not run an expert of another tokenizer (proxy.cross); drop one")
         self.bridges = {i: self._bridge(i) for i, p in enumerate(self.pairs) if p.cross}
         self.last_stats = DecodeStats()
         self.parallel = parallel and bool(self.pairs)  # the small models in a second process (proxy.parallel)
         self._worker = None
-        if self.bridges and self.parallel:
-            raise UserError("proxy.parallel does not run an expert of another tokenizer (proxy.cross); drop one")
 
     # -- streams ----------------------------------------------------------------------------------
     def _stream_plan(self):
@@ -235,6 +236,8 @@ class ProxyEngine:
         except UserError as err:
             raise UserError(str(err).split("; proxy-tuning")[0] + "; an expert and its anti-expert (the model it was "
                             "tuned from) must share one tokenizer, even where it is not the base's") from None
+        for key in (e, a):  # the candidates' branches are cropped from each small model's cache again
+            AttentionLayout(self.streams[key].model).check_rollback("an expert of another tokenizer family (proxy.cross)")
         ends = self.streams[e].ends + self.streams[a].ends
         base = Vocabulary(self.tokenizer, self.streams[self.base_key].ends)
         return Bridge(base, Vocabulary(small, ends), self.stop_ids, self.end_id)

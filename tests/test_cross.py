@@ -77,11 +77,10 @@ def test_the_small_pair_reads_the_base_text_after_every_token(loaded, base_famil
                 continue
             prompt[r].append(c)
             base_text = b"".join(bridge.base.bytes[t] or b"" for t in prompt[r])
-            for chunk in self.skipped[r]:  # what the small vocabulary cannot write (bytes no token has)
-                assert bridge.small.spell(chunk) is None
+            for chunk in self.skipped[r]:  # text the small vocabulary could not write (bytes or words it lacks)
                 base_text = base_text.replace(chunk, b"", 1)
             small_text = b"".join(bridge.small.bytes[t] for t in self.read[r]) + self.pending[r]
-            assert _same_text(small_text, base_text), (small_text, base_text)
+            assert _same_text(small_text, base_text, bridge.small.word_level), (small_text, base_text)
             for m, stream in enumerate(self.streams):  # each cache grew by what the row read
                 assert stream.next_pos[r, 0] == before[m][r] + len(self.read[r]) - read_before[r]
             checked.append(r)
@@ -141,3 +140,25 @@ def test_proxy_run_steers_through_text_and_says_so(zoo, tmp_path):
     assert_one_error_line(code, err, "another family", "proxy.speculative.k")
     code, err = run_in_process("proxy", proxy_run, *args, "proxy.cross.candidates=0", out_dir=str(tmp_path / "bad"))
     assert_one_error_line(code, err, "proxy.cross.candidates", "at least 1")
+
+
+def test_plausibility_rules_out_what_the_base_finds_implausible_under_a_cross_offset():
+    import torch
+
+    from proxy.combine import proxy_logits
+
+    base = torch.tensor([[0.0, -10.0, -1.0]])
+    offset = torch.tensor([[0.0, 20.0, 0.0]])  # a cross pair's offset, given whole
+    assert int(proxy_logits(base, [(1.0, offset, None)]).argmax()) == 1
+    assert int(proxy_logits(base, [(1.0, offset, None)], plausibility=0.1).argmax()) == 0
+    assert torch.equal(proxy_logits(base, [(0.0, offset, None)], plausibility=0.1), base)  # alpha 0: the base
+
+
+def test_parallel_and_shared_pairs_refuse_a_cross_pair(loaded):
+    b, p = loaded("llama2"), loaded("qwen2")
+    with pytest.raises(UserError, match="proxy.parallel"):
+        ProxyEngine(b.model["base"], b.tok["base"], [cross_pair(p)], parallel=True)
+    shared = SteeringPair(p.model["expert"], p.model["anti"], shared=True, tokenizer=p.tok["expert"],
+                          anti_tokenizer=p.tok["anti"])
+    with pytest.raises(UserError, match="shared_pair=false"):
+        ProxyEngine(b.model["base"], b.tok["base"], [shared])
