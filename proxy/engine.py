@@ -30,7 +30,13 @@ from proxy.options import check_alpha, check_candidates, check_plausibility
 from proxy.prompts import CHAT, RAW, Prompt, plain_text, render
 from proxy.scoring import score_batch
 from proxy.step import Generation, Rows, next_tokens
-from proxy.streams import AttentionLayout, left_pad, logit_width, model_device, open_stream
+from proxy.streams import (
+    AttentionLayout,
+    left_pad,
+    logit_width,
+    model_device,
+    open_stream,
+)
 from proxy.vocab import end_ids, shared_vocab_size, stop_set
 
 __all__ = ["DecodeStats", "Generation", "GenerationSettings", "ProxyEngine", "SteeringPair"]
