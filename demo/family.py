@@ -42,7 +42,7 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from core.files import apply_umask
+from core.files import apply_umask, umask_mode
 from demo import world as world_lib
 
 END_OF_TEXT = "<|endoftext|>"
@@ -232,24 +232,34 @@ def build_family(out_dir: str | Path, seed: int = 0, scale: str = "full") -> dic
         return family_paths(out_dir)
 
     started = time.time()
-    # One thread: these models are too small to gain from a second one, and two multi-threaded
-    # torch processes on two cores slow each other down ~20x (measured), e.g. beside a test run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so a crash never leaves a half-written family
-    # that the cache check would accept.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+
+    def build(staging: Path) -> dict:
         report = _build_into(staging, settings)
         report["build_seconds"] = round(time.time() - started, 1)
+        return report
+
+    _staged(out_dir, build)
+    return family_paths(out_dir)
+
+
+def _staged(target: Path, build) -> None:
+    """`build(folder)` into a folder beside the target, its report as the folder's family.json, then renamed
+    into place: a crash never leaves a half-written folder that the cache check would accept. One torch
+    thread meanwhile: these models are too small to gain from a second one, and two multi-threaded torch
+    processes on two cores slow each other down ~20x (measured), e.g. beside a test run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        report = build(staging)
         (staging / "family.json").write_text(json.dumps(report, indent=2) + "\n")
         apply_umask(staging)
-        _replace_dir(staging, out_dir)
+        os.chmod(staging, umask_mode(0o777))  # mkdtemp's folder is its owner's alone
+        _replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         torch.set_num_threads(threads)
-    return family_paths(out_dir)
 
 
 def _cached(out_dir: Path, settings: dict) -> bool:
@@ -272,25 +282,24 @@ def _build_into(folder: Path, settings: dict) -> dict:
 
     report = {"settings": settings, "models": {}, "corpus_lines": len(corpus), "people": len(world.people)}
     for name in ("small", "large"):
-        size = settings[name]
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(llama_config(size, tokenizer))
-        t0 = time.time()
-        losses = pretrain(model, tokenizer, corpus, epochs=size["epochs"], lr=size["lr"],
-                          batch_size=settings["batch_size"], seed=seed, desc=f"pretrain {name}",
-                          pack=size.get("pack", True))
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(folder / name)
-        tokenizer.save_pretrained(folder / name)
-        report["models"][name] = {
-            "size": size,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "epochs": size["epochs"],
-            "pretrain_seconds": round(time.time() - t0, 1),
-            "epoch_losses": [round(x, 4) for x in losses],
-        }
+        report["models"][name] = _pretrained(folder / name, settings[name], tokenizer, corpus, settings, name)
     return report
+
+
+def _pretrained(folder: Path, size: dict, tokenizer, corpus: list[str], settings: dict, name: str) -> dict:
+    """A Llama of `size` pretrained on the corpus and saved with its tokenizer in `folder`; its report."""
+    torch.manual_seed(settings["seed"])
+    model = LlamaForCausalLM(llama_config(size, tokenizer))
+    t0 = time.time()
+    losses = pretrain(model, tokenizer, corpus, epochs=size["epochs"], lr=size["lr"],
+                      batch_size=settings["batch_size"], seed=settings["seed"], desc=f"pretrain {name}",
+                      pack=size.get("pack", True))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"size": size, "parameters": sum(p.numel() for p in model.parameters()), "epochs": size["epochs"],
+            "pretrain_seconds": round(time.time() - t0, 1), "epoch_losses": [round(x, 4) for x in losses]}
 
 
 def build_other_small(family: str | Path, seed: int = 0, scale: str = "full") -> Path:
@@ -299,31 +308,15 @@ def build_other_small(family: str | Path, seed: int = 0, scale: str = "full") ->
     settings = {**family_settings(seed, scale), "other": OTHER[scale]}
     if _cached(folder, settings):
         return folder / "small"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    staging = Path(tempfile.mkdtemp(prefix=".other.building-", dir=family))
-    try:
+
+    def build(staging: Path) -> dict:
         world = world_lib.make_world(seed, settings["n_people"])
         corpus = world_lib.pretraining_corpus(world)
         tokenizer = build_other_tokenizer(corpus, OTHER[scale]["vocab_size"])
-        size = settings["small"]
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(llama_config(size, tokenizer))
-        t0 = time.time()
-        losses = pretrain(model, tokenizer, corpus, epochs=size["epochs"], lr=size["lr"],
-                          batch_size=settings["batch_size"], seed=seed, desc="pretrain other small")
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(staging / "small")
-        tokenizer.save_pretrained(staging / "small")
-        report = {"settings": settings, "parameters": sum(p.numel() for p in model.parameters()),
-                  "pretrain_seconds": round(time.time() - t0, 1), "epoch_losses": [round(x, 4) for x in losses]}
-        (staging / "family.json").write_text(json.dumps(report, indent=2) + "\n")
-        apply_umask(staging)
-        _replace_dir(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        torch.set_num_threads(threads)
+        return {"settings": settings,
+                "small": _pretrained(staging / "small", settings["small"], tokenizer, corpus, settings, "other small")}
+
+    _staged(folder, build)
     return folder / "small"
 
 

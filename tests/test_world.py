@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 from collections import Counter
 
@@ -197,6 +198,31 @@ def test_second_build_is_a_cache_hit(test_family, monkeypatch):
     again = build_family(paths["root"], seed=0, scale="test")
     assert again == paths
     assert paths["family_json"].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_the_other_family_s_small_base_has_its_own_tokenizer_and_is_cached(test_family, monkeypatch):
+    """The demo's small base of another tokenizer family: a Metaspace BPE whose ids are not the family's (its
+    expert steers through text, proxy.cross), readable by the umask's mode, and built once."""
+    from demo import family
+    from proxy.engine import SteeringPair, is_cross
+
+    small = family.build_other_small(test_family["root"], seed=0, scale="test")
+    tokenizer = AutoTokenizer.from_pretrained(small)
+    assert len(tokenizer) == family.OTHER["test"]["vocab_size"]
+    assert "▁" in "".join(tokenizer.convert_ids_to_tokens(tokenizer(" a b")["input_ids"]))
+    base_tokenizer = AutoTokenizer.from_pretrained(test_family["tokenizer"])
+    assert is_cross(SteeringPair(None, None, tokenizer=tokenizer), base_tokenizer)
+    assert AutoModelForCausalLM.from_pretrained(small).config.vocab_size == len(tokenizer)
+    assert (small.parent.stat().st_mode & 0o777) == (0o777 & ~_umask())
+    monkeypatch.setattr(family, "pretrain", lambda *a, **k: pytest.fail("a cache hit trains nothing"))
+    assert family.build_other_small(test_family["root"], seed=0, scale="test") == small
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_any_change_to_the_world_s_text_changes_the_family_s_cache_key(monkeypatch):
