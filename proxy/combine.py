@@ -29,7 +29,8 @@ def proxy_logits(
     """s_base + sum_i alpha_i * (s_expert_i - s_anti_i), in float32 on the base's device.
 
     base: (..., V); each offset is (alpha, expert (..., V), anti (..., V)), all over the shared vocabulary
-    (`shared_logits`), or (alpha, offset (..., V), None). alpha is a number, or a tensor that broadcasts against the logits (one per row).
+    (`shared_logits`), or (alpha, offset (..., V), None): an offset given whole (proxy.cross). alpha is a
+    number, or a tensor that broadcasts against the logits (one per row).
     plausibility > 0: only tokens that the base or a steering expert finds plausible keep their score, the
     others drop by RULED_OUT (`plausible_tokens`), in every row some pair steers (alpha != 0); 0 keeps
     every token, the paper's rule.

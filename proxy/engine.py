@@ -245,8 +245,9 @@ class ProxyEngine:
         for key in (e, a):  # the candidates' branches are cropped from each small model's cache again
             AttentionLayout(self.streams[key].model).check_rollback("an expert of another tokenizer family (proxy.cross)")
         ends = self.streams[e].ends + self.streams[a].ends
-        base = Vocabulary(self.tokenizer, self.streams[self.base_key].ends)
-        return Bridge(base, Vocabulary(small, ends), self.stop_ids, self.end_id)
+        if getattr(self, "_base_vocabulary", None) is None:  # one for every pair of another tokenizer
+            self._base_vocabulary = Vocabulary(self.tokenizer, self.streams[self.base_key].ends)
+        return Bridge(self._base_vocabulary, Vocabulary(small, ends), self.stop_ids, self.end_id)
 
     def open_runners(self) -> dict:
         """A fresh runner for every stream that reads the base's ids, and one per pair of another tokenizer."""
