@@ -329,3 +329,23 @@ def test_proxy_serve_steers_a_base_served_elsewhere(server, tiny_family, local):
     settings = GenerationSettings(max_new_tokens=8)
     want = [g.text for g in steering(local["large"], local, 1.0).generate(PROMPTS, settings)]
     assert got == want
+
+
+def test_a_pair_of_another_tokenizer_steers_a_served_base_as_it_steers_the_loaded_one(server, local, tiny_family):
+    """proxy.cross over a base read through the server: the same tokens as over the same base loaded here."""
+    import copy
+
+    anti, tok = load_model(tiny_family.foreign), load_tokenizer(tiny_family.foreign)
+    expert = copy.deepcopy(anti)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in expert.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    settings = GenerationSettings(max_new_tokens=12, batch_size=4)
+    here = ProxyEngine(local["large"], local["tok"], [SteeringPair(expert, anti, 1.0, tokenizer=tok, anti_tokenizer=tok)])
+    there = ProxyEngine(served(server, local), local["tok"],
+                        [SteeringPair(expert, anti, 1.0, tokenizer=tok, anti_tokenizer=tok)])
+    assert here.bridges and there.bridges
+    want = token_ids(here.generate(PROMPTS, settings))
+    assert want != token_ids(ProxyEngine(local["large"], local["tok"]).generate(PROMPTS, settings))  # it steers
+    assert token_ids(there.generate(PROMPTS, settings)) == want
