@@ -194,6 +194,7 @@ class Bridge:
         return None if data is None else self.spell_text(pending + data)
 
     def spell_text(self, data: bytes) -> tuple[tuple[int, ...], bytes] | None:
+        """The small ids of a text, word by word in the small tokenizer's own tokens, and its last word."""
         ids: list[int] = []
         words = self.small.words(data)
         for word in words:
@@ -253,9 +254,9 @@ class Bridge:
         return out
 
     def end_cover(self, c: int) -> list[int]:
-        """The small ids that mean what base stop id c means: the same token, else any of the pair's ends; and
-        at the base's end id, the pair's ends the base has not (a chat expert's end of turn), as the
-        same-tokenizer engine folds them in (proxy.combine.shared_logits)."""
+        """The small ids that mean what base stop id c means: the same token where the small vocabulary has it;
+        at the base's end id also the pair's ends the base has not (a chat expert's end of turn), as the
+        same-tokenizer engine folds them in (proxy.combine.shared_logits); none for the base's other stops."""
         if c in self.same:
             cover = [self.same[c]]
         else:  # the pair's ends stand for the base's end id alone (its other stops would count them again)
