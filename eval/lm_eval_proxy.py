@@ -74,8 +74,8 @@ def load_overrides(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if kwargs:
         raise UserError(
             f"unknown proxy model argument(s) {sorted(kwargs)}; known: base, expert, anti_expert, alpha, "
-            "expert_format, plausibility, cross_candidates, batch_size, max_length, max_gen_toks, add_bos_token, model, dtype, "
-            "device_map, "
+            "expert_format, plausibility, cross_candidates, batch_size, max_length, max_gen_toks, add_bos_token, "
+            "model, dtype, device_map, "
             f"<role>_<option> with option in {', '.join(LOAD_OPTIONS)}, and for a served base (base=http://...) "
             f"base_<option> with option in {', '.join(SERVED_OPTIONS)}"
         )
