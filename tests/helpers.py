@@ -71,5 +71,26 @@ def steering(base, models: dict, alpha: float, k=None):
     return SpeculativeProxyEngine(base, models["tok"], pair, k=k)
 
 
+SERVED_PROMPTS = [" the quick brown", " Question: where was the person born?\nAnswer:", " a b c", " the lazy dog"]
+
+
+def assert_served_gives_the_local_tokens(served, base, models: dict, k, max_new_tokens: int) -> None:
+    """Greedy proxy output over a served base is the local engine's over the same weights (`base`), token for
+    token, at alpha 0, 0.5, 1 and 2, batch 1 and 4; one request per row a round (a speculative round's is one
+    echo), and fewer than one a token where drafts were accepted."""
+    from proxy.engine import GenerationSettings
+
+    for alpha in (0.0, 0.5, 1.0, 2.0):
+        for batch, prompts in ((1, SERVED_PROMPTS[:2]), (4, SERVED_PROMPTS)):
+            settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch)
+            want = token_ids(steering(base, models, alpha, k).generate(prompts, settings))
+            engine = steering(served, models, alpha, k)
+            assert token_ids(engine.generate(prompts, settings)) == want, (alpha, batch)
+            stats = engine.last_stats
+            assert stats.base_requests == stats.row_forwards and stats.requests_per_token > 0
+            if k is not None and stats.accepted:
+                assert stats.requests_per_token < 1.0
+
+
 def token_ids(generations) -> list[list[int]]:
     return [g.token_ids for g in generations]

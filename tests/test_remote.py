@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_app, steering, token_ids
+from helpers import SERVED_PROMPTS as PROMPTS
+from helpers import (
+    assert_served_gives_the_local_tokens,
+    compose_app,
+    steering,
+    token_ids,
+)
 
 from core.errors import UserError
 from core.loading import load_model, load_tokenizer
@@ -23,7 +29,6 @@ from proxy.serve import running, served_models
 from proxy.speculative import SpeculativeProxyEngine
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [" the quick brown", " Question: where was the person born?\nAnswer:", " a b c", " the lazy dog"]
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +69,7 @@ def test_the_served_base_reads_the_whole_vocabulary_and_the_same_log_probabiliti
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [None, 3], ids=["plain", "speculative"])
 def test_greedy_output_is_the_local_engine_s_token_for_token(server, local, k):
-    base = served(server, local)
-    for alpha in (0.0, 0.5, 1.0, 2.0):
-        for batch, prompts in ((1, PROMPTS[:2]), (4, PROMPTS)):
-            settings = GenerationSettings(max_new_tokens=10, batch_size=batch)
-            want = token_ids(steering(local["large"], local, alpha, k).generate(prompts, settings))
-            engine = steering(base, local, alpha, k)
-            assert token_ids(engine.generate(prompts, settings)) == want, (alpha, batch)
-            stats = engine.last_stats  # one request per row a round (a speculative round's is one echo)
-            assert stats.base_requests == stats.row_forwards and stats.requests_per_token > 0
-            if k is not None and stats.accepted:
-                assert stats.requests_per_token < 1.0
+    assert_served_gives_the_local_tokens(served(server, local), local["large"], local, k, max_new_tokens=10)
 
 
 @pytest.mark.parametrize("outside", ["spread", "zero"])

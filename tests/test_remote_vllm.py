@@ -4,16 +4,14 @@ through vLLM is the local engine's on the same weights, token for token, plain a
 from __future__ import annotations
 
 import pytest
-from helpers import steering, token_ids
+from helpers import SERVED_PROMPTS as PROMPTS
+from helpers import assert_served_gives_the_local_tokens
 
 from core.loading import load_model, load_tokenizer
-from proxy.engine import GenerationSettings
 from proxy.remote import OUTSIDE, RemoteBase
 
 pytest_plugins = ["servers"]
 pytestmark = pytest.mark.slow
-
-PROMPTS = [" the quick brown", " Question: where was the person born?\nAnswer:", " a b c", " the lazy dog"]
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +24,7 @@ def local(vllm_base, tiny_family):
 def test_greedy_output_through_vllm_is_the_local_engine_s(vllm_base, local, k):
     served = RemoteBase(vllm_base.url, local["tok"], model=vllm_base.name)
     assert served.top_logprobs == served.vocab_size  # served with --max-logprobs at the vocabulary
-    for alpha in (0.0, 0.5, 1.0, 2.0):
-        for batch, prompts in ((1, PROMPTS[:2]), (4, PROMPTS)):
-            settings = GenerationSettings(max_new_tokens=8, batch_size=batch)
-            want = token_ids(steering(local["base"], local, alpha, k).generate(prompts, settings))
-            got = steering(served, local, alpha, k)
-            assert token_ids(got.generate(prompts, settings)) == want, (alpha, batch)
-            stats = got.last_stats  # one request per row a round (a speculative round's is one echo)
-            assert stats.base_requests == stats.row_forwards
-            if k is not None and stats.accepted:
-                assert stats.requests_per_token < 1.0
+    assert_served_gives_the_local_tokens(served, local["base"], local, k, max_new_tokens=8)
 
 
 def test_vllm_top_k_is_a_cut_of_the_same_law(vllm_base, local):
