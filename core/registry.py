@@ -111,11 +111,16 @@ def update_scores(name_or_path: str, task: str, scores: dict[str, Any]) -> None:
     write_card(card)
 
 
+def is_url(name: Any) -> bool:
+    """Whether a model is named by its server's URL (a served base, proxy.remote)."""
+    return isinstance(name, str) and re.match(r"^https?://", name) is not None
+
+
 def display_name(name_or_path: str) -> str:
     """How to show a model: its registered name if it has a card, else the last part of its path or hub id
     (a served base: its server's host and port)."""
-    if re.match(r"^https?://", str(name_or_path)):
-        return urlparse(str(name_or_path)).netloc.replace(":", "-")
+    if is_url(name_or_path):
+        return urlparse(name_or_path).netloc.replace(":", "-")
     _, card = resolve(name_or_path)
     return card.name if card is not None else Path(str(name_or_path).rstrip("/")).name
 

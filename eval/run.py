@@ -18,11 +18,10 @@ from omegaconf import DictConfig, open_dict
 from core.errors import UserError, exit_on_user_error
 from core.files import atomic_write_json, write_jsonl
 from core.jobs import CHECKPOINT_FILE, Checkpoint, hydra_output_dir, run_job
-from core.registry import display_name, update_scores
+from core.registry import display_name, is_url, update_scores
 from eval import metrics as M
 from proxy.build import build_engine, resolve_pairs, run_inputs
 from proxy.options import check_plausibility, generation_settings
-from proxy.remote import is_url
 from training.tasks import get_field, load_records, load_task, task_files, to_example
 
 METRICS_FILE = "metrics.json"

@@ -17,11 +17,11 @@ from transformers import GenerationConfig
 from core.errors import UserError
 from core.jobs import inputs_digest
 from core.loading import load_model, load_tokenizer, model_paths, preset, resolve_spec
-from core.registry import entries, resolve
+from core.registry import entries, is_url, resolve
 from proxy.engine import ProxyEngine, SteeringPair
 from proxy.options import check_alpha, check_proxy_options
 from proxy.prompts import CHAT, chat_expected
-from proxy.remote import RemoteBase, is_url
+from proxy.remote import RemoteBase
 from proxy.vocab import end_ids
 
 

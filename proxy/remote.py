@@ -62,10 +62,6 @@ def seconds(name: str, value: Any) -> float:
     return number
 
 
-def is_url(name: Any) -> bool:
-    return isinstance(name, str) and re.match(r"^https?://", name) is not None
-
-
 class Client:
     """JSON over HTTP to one server: bounded retries with exponential backoff on what may pass (a refused or
     dropped connection, a time-out, 429, 5xx, an answer that is not the JSON asked for), then one line
