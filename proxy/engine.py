@@ -237,11 +237,9 @@ class ProxyEngine:
             raise UserError(f"the tokenizer of expert '{pair.name}' does not match the base's, and proxy.shared_pair "
                             "runs a LoRA expert of the base's own tokenizer: set proxy.shared_pair=false")
         small = pair.tokenizer or self.tokenizer
-        try:
-            shared_vocab_size({f"expert '{pair.name}'": small, f"anti-expert of '{pair.name}'": pair.anti_tokenizer or small})
-        except UserError as err:
-            raise UserError(str(err).split("; proxy-tuning")[0] + "; an expert and its anti-expert (the model it was "
-                            "tuned from) must share one tokenizer, even where it is not the base's") from None
+        shared_vocab_size({f"expert '{pair.name}'": small, f"anti-expert of '{pair.name}'": pair.anti_tokenizer or small},
+                          advice="an expert and its anti-expert (the model it was tuned from) must share one "
+                                 "tokenizer, even where it is not the base's")
         for key in (e, a):  # the candidates' branches are cropped from each small model's cache again
             AttentionLayout(self.streams[key].model).check_rollback("an expert of another tokenizer family (proxy.cross)")
         ends = self.streams[e].ends + self.streams[a].ends

@@ -6,8 +6,11 @@ from typing import Iterable, Mapping
 from core.errors import UserError
 from core.vocabulary import id_to_token
 
+SAME_FAMILY = "proxy-tuning needs models that share one tokenizer (use an expert tuned from a model of the base's family)"
 
-def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[str, int] | None = None) -> int:
+
+def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[str, int] | None = None,
+                      advice: str = SAME_FAMILY) -> int:
     """The number of leading token ids on which every tokenizer agrees, or a UserError naming the
     first token that differs.
 
@@ -15,6 +18,7 @@ def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[st
     their embedding matrix (Qwen-style), and in which token ends a sequence (a base and its instruct
     model); logits are cut to the shared range before combining.
     `tokenizers` maps a role (e.g. "base", "expert 'path'") to its tokenizer; the first is the reference.
+    `advice`: what the message tells the user to do.
     """
     roles = list(tokenizers)
     tables = {role: id_to_token(tokenizers[role]) for role in roles}
@@ -27,8 +31,7 @@ def shared_vocab_size(tokenizers: Mapping[str, object], logit_widths: Mapping[st
             if ref[i] != other[i]:
                 raise UserError(
                     f"the tokenizer of {role} does not match the {ref_role}'s: token id {i} is "
-                    f"{other[i]!r} there and {ref[i]!r} in the {ref_role}; proxy-tuning needs models "
-                    "that share one tokenizer (use an expert tuned from a model of the base's family)"
+                    f"{other[i]!r} there and {ref[i]!r} in the {ref_role}; {advice}"
                 )
     for role, width in (logit_widths or {}).items():
         if width < size:
