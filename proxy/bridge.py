@@ -30,11 +30,14 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
-def _decoder_types(tokenizer) -> set[str]:
+def _backend(tokenizer) -> dict:
+    """The fast tokenizer's own description (its model, pre-tokenizer and decoder), {} without one."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return set()
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def _decoder_types(spec: dict) -> set[str]:
+    decoder = spec.get("decoder") or {}
     return {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
 
 
@@ -45,11 +48,10 @@ def special_ids(tokenizer) -> set[int]:
     return ids
 
 
-def token_bytes(tokenizer) -> list[bytes | None]:
-    """What each id adds to a text, as bytes, mid-text (after a word); None for special tokens."""
-    table = id_to_token(tokenizer)
+def token_bytes(tokenizer, table: list[str], byte_level: bool) -> list[bytes | None]:
+    """What each id adds to a text, as bytes, mid-text (after a word); None for special tokens. `table`: the
+    tokenizer's token strings by id; `byte_level`: its decoder is GPT-2's byte-level one."""
     specials = special_ids(tokenizer)
-    byte_level = "ByteLevel" in _decoder_types(tokenizer)
     decoder = _byte_decoder() if byte_level else None
     anchor_ids = tokenizer("a", add_special_tokens=False)["input_ids"]
     anchor = tokenizer.decode(anchor_ids, clean_up_tokenization_spaces=False)
@@ -75,23 +77,23 @@ class Vocabulary:
 
     def __init__(self, tokenizer, ends: list[int]):
         self.tokenizer = tokenizer
-        self.bytes = token_bytes(tokenizer)
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.word_level = backend is not None and json.loads(backend.to_str())["model"].get("type") == "WordLevel"
+        table, spec = id_to_token(tokenizer), _backend(tokenizer)
+        self.bytes = token_bytes(tokenizer, table, "ByteLevel" in _decoder_types(spec))
+        self.word_level = (spec.get("model") or {}).get("type") == "WordLevel"
         self.ends = sorted(set(ends))
         self.index: dict[bytes, int] = {}  # bytes -> the id that spells them (the first, byte tokens last)
         for i, data in enumerate(self.bytes):
-            if data and (data not in self.index or BYTE_TOKEN.match(str(tokenizer.convert_ids_to_tokens(self.index[data])))):
+            if data and (data not in self.index or BYTE_TOKEN.match(str(table[self.index[data]]))):
                 self.index[data] = i
         self.longest = max((len(b) for b in self.index), default=1)
-        self.raw = {token: i for i, token in enumerate(id_to_token(tokenizer)) if token is not None}
+        self.raw = {token: i for i, token in enumerate(table) if token is not None}
         self.longer: dict[bytes, list[int]] = {}  # a proper prefix of tokens -> the tokens
         for i, data in enumerate(self.bytes):
             for n in range(1, len(data or b"")):
                 self.longer.setdefault(data[:n], []).append(i)
         self._primers = [(p, tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ("\n", "a", "")]
         self.spell = lru_cache(maxsize=1 << 16)(self._spell)
-        pre = backend.pre_tokenizer if backend is not None else None
+        pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
         # the tokenizer's own word splits, where it has any (Metaspace with split=False, as Llama-2's, has none)
         self._pre = pre if pre is not None and len(pre.pre_tokenize_str("a b")) > 1 else None
         self.words = lru_cache(maxsize=1 << 16)(self._words)

@@ -34,7 +34,6 @@ class CrossPair:
         self.streams: list[ModelStream] = [open_stream(expert), open_stream(anti)]
         self.logp: list[torch.Tensor] = []  # per stream (B, V_small): the next small token's log-probabilities
         self.pending: list[bytes] = []  # per row: bytes of the text not yet read by the small models
-        self.plans: list[dict] = []  # per row, from the last offset: base id -> its spelling
         self.read: list[list[int]] = []  # per row: the small ids read after the prompt
         self.skipped: list[list[bytes]] = []  # per row: text the small vocabulary cannot write (left unread)
 
@@ -45,7 +44,6 @@ class CrossPair:
     def prefill(self, expert: tuple[torch.Tensor, torch.Tensor], anti: tuple[torch.Tensor, torch.Tensor]) -> "CrossPair":
         self.logp = [torch.log_softmax(s.prefill(*p).float(), -1) for s, p in zip(self.streams, (expert, anti))]
         self.pending = [b""] * len(expert[0])
-        self.plans = [{} for _ in self.pending]
         self.read = [[] for _ in self.pending]
         self.skipped = [[] for _ in self.pending]
         return self
@@ -65,15 +63,13 @@ class CrossPair:
             else:  # the expert's proposals, at most 4k of them (the base's likeliest), bound the tree
                 proposed = sorted(bridge.proposals(pending, expert_top[r]), key=lambda c: -float(base[r, c]))
                 wanted = set(base_top[r]) | set(proposed[: 4 * k]) | set(bridge.base_stops)
-            row, plans = [], {}
+            row = []
             for c in sorted(wanted):
                 plan = bridge.candidate(pending, c)
                 if plan is not None:
-                    ids, word, cuts = plan
-                    plans[c] = (ids, word)
+                    ids, _, cuts = plan
                     row.append((c, ids, cuts))
             spelt.append(row)
-            self.plans[r] = plans
         scores = self._scores(spelt)
         for r, row in enumerate(spelt):
             finite = [j for j in range(len(row)) if all(math.isfinite(s[r][j]) for s in scores)]
@@ -157,7 +153,7 @@ class CrossPair:
                 reads.append(())
                 continue
             pending = self.pending[r]
-            plan = self.plans[r].get(c) or self.bridge.spelling(pending, c)  # c outside the candidates: sampled
+            plan = self.bridge.spelling(pending, c)  # its words' spellings are cached by the bridge
             data = self.bridge.base.bytes[c]
             if plan is None:  # a special token, or text the small vocabulary cannot write
                 head = self.bridge.spell_text(pending) if pending and data is not None else None
@@ -196,7 +192,6 @@ class CrossPair:
             mine.join(theirs)
         self.logp = [torch.cat([a, b]) for a, b in zip(self.logp, other.logp)] if self.logp else other.logp
         self.pending += other.pending
-        self.plans += other.plans
         self.read += other.read
         self.skipped += other.skipped
 
@@ -205,7 +200,6 @@ class CrossPair:
             stream.select(keep)
         self.logp = [lp[keep] for lp in self.logp]
         self.pending = [self.pending[r] for r in keep]
-        self.plans = [self.plans[r] for r in keep]
         self.read = [self.read[r] for r in keep]
         self.skipped = [self.skipped[r] for r in keep]
 
